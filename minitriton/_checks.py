@@ -1,0 +1,54 @@
+"""Argument checks shared by the public ops. Each raises TypeError or ValueError naming the
+argument and the offending value, before any kernel runs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def check_tensor(name: str, x, ndim: int | None = None, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected one of {names})")
+    return x
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor,
+               shape: bool = True) -> None:
+    """x must match ref in dtype and device (and shape, unless shape=False)."""
+    if shape and x.shape != ref.shape:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} does not match {ref_name}'s "
+                         f"{tuple(ref.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} does not match {ref_name}'s {ref.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: device {x.device} does not match {ref_name}'s {ref.device}")
+
+
+def check_head_dim(name: str, D: int) -> None:
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim D={D} is outside the supported "
+                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+
+
+def check_unit_interval(name: str, v) -> float:
+    """A Python or 0-d tensor number in [0, 1] (not NaN), returned as float."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(v).__name__} {v!r}")
+    v = float(v)
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1], got {v!r}")
+    return v

@@ -1,0 +1,209 @@
+"""The fused MiniCache merge: one pass over both inputs, then the retained tokens' gather.
+
+Pass 1 (`_merge_kernel`, one program per BLOCK_S tokens of one (b, h) row) reads each input
+once and writes e, both magnitudes, the angular distance d, and the row's running d_min / d_max
+(float atomics: min / max are exact and order independent, so results do not depend on the
+schedule). A light torch pass over d (4 bytes a token) marks the retained tokens and numbers
+them; `_gather_kernel` then reads only the retained tokens again and writes the compact store.
+
+Omega is computed as 2 atan2(|u_p - u_c|, |u_p + u_c|) rather than arccos(u_p . u_c): the same
+angle, but well conditioned near 0 and pi, where arccos loses half the digits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..pair import MergedPair
+from ..reference import LERP_EPS, SIN_EPS
+from .common import PI, atan2_nonneg, block_d, pick_configs
+
+
+def merge_configs_full() -> list:
+    """Autotune space of pass 1 on a GPU, keyed on D (and the input dtype, which the autotuner
+    adds). BLOCK_S x BLOCK_D stays <= 8192 elements a tile (see `_prune`) so the two inputs, e
+    and the float32 temporaries fit in registers without spilling at 2-8 warps."""
+    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
+            for bs in (4, 8, 16, 32) for w in (2, 4, 8)]
+
+
+def merge_configs() -> list:
+    """The configs the autotuner gets: the full space, or one config under the interpreter."""
+    return pick_configs(merge_configs_full(),
+                        triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
+
+
+def _prune(configs, named_args, **kwargs):
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 8192]
+    return kept or configs[:1]
+
+
+@triton.jit(do_not_specialize=["S"])
+def _merge_kernel(
+    xp_ptr, xc_ptr, e_ptr, magp_ptr, magc_ptr, d_ptr, dmin_ptr, dmax_ptr,
+    H, S, D,
+    sp_b, sp_h, sp_s, sp_d, sc_b, sc_h, sc_s, sc_d,
+    t,
+    PROJECTION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_s = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
+    o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
+    m_s = o_s < S
+    m_sd = m_s[:, None] & (o_d[None, :] < D)                                 # [BLOCK_S, BLOCK_D]
+
+    p_xp = xp_ptr + i_b * sp_b + i_h * sp_h + o_s[:, None] * sp_s + o_d[None, :] * sp_d
+    p_xc = xc_ptr + i_b * sc_b + i_h * sc_h + o_s[:, None] * sc_s + o_d[None, :] * sc_d
+    b_xp = tl.load(p_xp, mask=m_sd, other=0.0).to(tl.float32)               # [BLOCK_S, BLOCK_D]
+    b_xc = tl.load(p_xc, mask=m_sd, other=0.0).to(tl.float32)
+
+    # Magnitudes and directions (a zero vector has direction 0).
+    n_p = tl.sqrt(tl.sum(b_xp * b_xp, axis=1))                               # [BLOCK_S]
+    n_c = tl.sqrt(tl.sum(b_xc * b_xc, axis=1))
+    zero = (n_p == 0) | (n_c == 0)
+    inv_p = tl.where(n_p > 0, 1.0 / tl.where(n_p > 0, n_p, 1.0), 0.0)
+    inv_c = tl.where(n_c > 0, 1.0 / tl.where(n_c > 0, n_c, 1.0), 0.0)
+    b_up = b_xp * inv_p[:, None]
+    b_uc = b_xc * inv_c[:, None]
+
+    # Omega/2 = atan2(|u_p - u_c|, |u_p + u_c|); sin(Omega) = |u_p - u_c| |u_p + u_c| / 2.
+    # With a zero vector the spec's cosine is 0: Omega = pi / 2.
+    b_dif = b_up - b_uc
+    b_sum = b_up + b_uc
+    l_dif = tl.sqrt(tl.sum(b_dif * b_dif, axis=1))
+    l_sum = tl.sqrt(tl.sum(b_sum * b_sum, axis=1))
+    omega = tl.where(zero, 0.5 * PI, 2.0 * atan2_nonneg(l_dif, l_sum))
+    sin = tl.where(zero, 1.0, 0.5 * l_dif * l_sum)
+
+    # SLERP weights; normalised linear interpolation where sin(Omega) ~ 0.
+    safe = sin >= SIN_EPS
+    sin_ = tl.where(safe, sin, 1.0)
+    w_p = tl.where(safe, tl.sin((1.0 - t) * omega) / sin_, 1.0 - t)
+    w_c = tl.where(safe, tl.sin(t * omega) / sin_, t)
+    b_e = w_p[:, None] * b_up + w_c[:, None] * b_uc
+    n_e = tl.sqrt(tl.sum(b_e * b_e, axis=1))
+    degenerate = (~safe) & (n_e < LERP_EPS)          # antiparallel at t = 0.5: take u_c
+    b_e = tl.where(degenerate[:, None], b_uc, b_e)
+    n_e = tl.where(degenerate, tl.where(n_c > 0, 1.0, 0.0), n_e)
+    b_e = b_e * tl.where(n_e > 0, 1.0 / tl.where(n_e > 0, n_e, 1.0), 0.0)[:, None]
+
+    if PROJECTION:
+        mag_p = tl.sum(b_xp * b_e, axis=1)
+        mag_c = tl.sum(b_xc * b_e, axis=1)
+    else:
+        mag_p = n_p
+        mag_c = n_c
+    d = omega * (1.0 / PI)
+
+    o_tok = i_bh * S + o_s                                                  # [BLOCK_S]
+    p_e = e_ptr + o_tok[:, None] * D + o_d[None, :]
+    tl.store(p_e, b_e.to(e_ptr.dtype.element_ty), mask=m_sd)
+    tl.store(magp_ptr + o_tok, mag_p, mask=m_s)
+    tl.store(magc_ptr + o_tok, mag_c, mask=m_s)
+    tl.store(d_ptr + o_tok, d, mask=m_s)
+    tl.atomic_min(dmin_ptr + i_bh, tl.min(tl.where(m_s, d, 2.0), axis=0))
+    tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_s, d, -1.0), axis=0))
+
+
+_merge_autotuned = triton.autotune(configs=merge_configs(), key=["D", "BLOCK_D"],
+                                   prune_configs_by={"early_config_prune": _prune})(_merge_kernel)
+
+
+@triton.jit
+def _gather_kernel(
+    xp_ptr, xc_ptr, idx_ptr, kp_ptr, kc_ptr,
+    N, H, S, D,
+    sp_b, sp_h, sp_s, sp_d, sc_b, sc_h, sc_s, sc_d,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Copy the retained tokens' originals: row r of the store is token idx[r] = (b*H + h)*S + s."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)                              # [BLOCK_R]
+    o_d = tl.arange(0, BLOCK_D)
+    m_r = o_r < N
+    m_rd = m_r[:, None] & (o_d[None, :] < D)
+    tok = tl.load(idx_ptr + o_r, mask=m_r, other=0)
+    i_b, i_h, i_s = tok // (H * S), (tok // S) % H, tok % S
+    p_xp = xp_ptr + (i_b * sp_b + i_h * sp_h + i_s * sp_s)[:, None] + o_d[None, :] * sp_d
+    p_xc = xc_ptr + (i_b * sc_b + i_h * sc_h + i_s * sc_s)[:, None] + o_d[None, :] * sc_d
+    # A plain copy in the input dtype: the store must be bit-exact.
+    tl.store(kp_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xp, mask=m_rd), mask=m_rd)
+    tl.store(kc_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xc, mask=m_rd), mask=m_rd)
+
+
+GATHER_ROWS = 16
+
+
+def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: torch.Tensor):
+    """The retained tokens' originals `[N, D]` each, rows in (b, h, s) order. Reads N on the
+    host (the one synchronisation of merge)."""
+    B, H, S, D = x_prev.shape
+    idx = torch.nonzero(retained.reshape(-1)).reshape(-1)                    # int64 [N]
+    N = idx.numel()
+    kept_prev = torch.empty((N, D), dtype=x_prev.dtype, device=x_prev.device)
+    kept_cur = torch.empty_like(kept_prev)
+    if N:
+        _gather_kernel[(triton.cdiv(N, GATHER_ROWS),)](
+            x_prev, x_cur, idx, kept_prev, kept_cur, N, H, S, D,
+            *x_prev.stride(), *x_cur.stride(),
+            BLOCK_R=GATHER_ROWS, BLOCK_D=block_d(D), num_warps=4)
+    return kept_prev, kept_cur
+
+
+def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
+                 magnitude: str, d_range=None) -> MergedPair:
+    """Launch pass 1, mark, gather. Arguments are validated by `minitriton.merge`."""
+    from ..torch_merge import finish_merge
+
+    B, H, S, D = x_prev.shape
+    dev = x_prev.device
+    e = torch.empty((B, H, S, D), dtype=x_prev.dtype, device=dev)
+    mag_p = torch.empty((B, H, S), dtype=torch.float32, device=dev)
+    mag_c = torch.empty_like(mag_p)
+    d = torch.empty_like(mag_p)
+    d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=dev)
+    d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=dev)
+    if S > 0 and B * H > 0:
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), B * H)  # noqa: E731
+        _merge_autotuned[grid](
+            x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, H, S, D,
+            *x_prev.stride(), *x_cur.stride(), t,
+            PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
+    return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
+                        d_range, gather=gather_retained_triton)
+
+
+def aot_specs() -> list:
+    """Every kernel and config the launchers can run, for ahead-of-time compile checks."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for D in (64, 80, 128, 256):
+            bd = block_d(D)
+            for proj in (False, True):
+                sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "e_ptr": f"*{dt}",
+                       "magp_ptr": "*fp32", "magc_ptr": "*fp32", "d_ptr": "*fp32",
+                       "dmin_ptr": "*fp32", "dmax_ptr": "*fp32", "H": "i32", "S": "i32",
+                       "D": "i32", **{f"s{w}_{a}": "i64" for w in "pc" for a in "bhsd"},
+                       "t": "fp32", "PROJECTION": "constexpr", "BLOCK_S": "constexpr",
+                       "BLOCK_D": "constexpr"}
+                for cfg in _prune(merge_configs_full(), {}, BLOCK_D=bd):
+                    specs.append((f"merge[{dt},D={D},proj={proj},BS={cfg.kwargs['BLOCK_S']},"
+                                  f"w={cfg.num_warps}]", _merge_kernel, sig,
+                                  {"PROJECTION": proj, "BLOCK_S": cfg.kwargs["BLOCK_S"],
+                                   "BLOCK_D": bd}, cfg.num_warps, cfg.num_stages))
+            sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "idx_ptr": "*i64", "kp_ptr": f"*{dt}",
+                   "kc_ptr": f"*{dt}", "N": "i32", "H": "i32", "S": "i32", "D": "i32",
+                   **{f"s{w}_{a}": "i64" for w in "pc" for a in "bhsd"},
+                   "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+            specs.append((f"gather[{dt},D={D}]", _gather_kernel, sig,
+                          {"BLOCK_R": GATHER_ROWS, "BLOCK_D": bd}, 4, 3))
+    return specs
+
+
+
+__all__ = ["merge_triton", "gather_retained_triton", "merge_configs", "aot_specs"]

@@ -1,0 +1,107 @@
+"""Restore: materialise both layers of a merged pair (the dense baseline, and for users who
+want their tensors back).
+
+    x_prev_hat = mag_prev * e,  x_cur_hat = mag_cur * e,  retained tokens = their originals
+
+One program per BLOCK_S tokens of one (b, h) row: e is read once and both outputs are written
+once; the retained store is read only for the retained rows (masked gather by slot).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..pair import MergedPair
+from .common import block_d, pick_configs
+
+
+def restore_configs_full() -> list:
+    """GPU autotune space, keyed on D (and dtype); BLOCK_S x BLOCK_D <= 8192 (see `_prune`)."""
+    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
+            for bs in (8, 16, 32, 64) for w in (4, 8)]
+
+
+def restore_configs() -> list:
+    return pick_configs(restore_configs_full(),
+                        triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
+
+
+def _prune(configs, named_args, **kwargs):
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 8192]
+    return kept or configs[:1]
+
+
+@triton.jit(do_not_specialize=["S"])
+def _restore_kernel(
+    e_ptr, magp_ptr, magc_ptr, slot_ptr, kp_ptr, kc_ptr, op_ptr, oc_ptr,
+    H, S, D,
+    so_b, so_h, so_s, so_d,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_s = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
+    o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
+    m_s = o_s < S
+    m_sd = m_s[:, None] & (o_d[None, :] < D)
+    o_tok = i_bh * S + o_s
+
+    b_e = tl.load(e_ptr + o_tok[:, None] * D + o_d[None, :], mask=m_sd, other=0.0)
+    b_e = b_e.to(tl.float32)                                                 # [BLOCK_S, BLOCK_D]
+    mag_p = tl.load(magp_ptr + o_tok, mask=m_s, other=0.0)
+    mag_c = tl.load(magc_ptr + o_tok, mask=m_s, other=0.0)
+    slot = tl.load(slot_ptr + o_tok, mask=m_s, other=-1).to(tl.int64)
+    kept = slot >= 0
+    m_kd = m_sd & kept[:, None]
+    p_k = o_d[None, :] + tl.where(kept, slot, 0)[:, None] * D
+    # Originals stay in their dtype (no float32 round trip): bit-exact by construction.
+    b_kp = tl.load(kp_ptr + p_k, mask=m_kd, other=0.0)
+    b_kc = tl.load(kc_ptr + p_k, mask=m_kd, other=0.0)
+
+    out_ty = op_ptr.dtype.element_ty
+    b_op = tl.where(kept[:, None], b_kp, (mag_p[:, None] * b_e).to(out_ty))
+    b_oc = tl.where(kept[:, None], b_kc, (mag_c[:, None] * b_e).to(out_ty))
+    p_o = i_b * so_b + i_h * so_h + o_s[:, None] * so_s + o_d[None, :] * so_d
+    tl.store(op_ptr + p_o, b_op, mask=m_sd)
+    tl.store(oc_ptr + p_o, b_oc, mask=m_sd)
+
+
+_restore_autotuned = triton.autotune(configs=restore_configs(), key=["D", "BLOCK_D"],
+                                     prune_configs_by={"early_config_prune": _prune})(
+                                         _restore_kernel)
+
+
+def restore_triton(m: MergedPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the restore kernel. `m` is validated by `minitriton.restore`."""
+    B, H, S, D = m.shape
+    out_p = torch.empty((B, H, S, D), dtype=m.dtype, device=m.device)
+    out_c = torch.empty_like(out_p)
+    if out_p.numel():
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), B * H)  # noqa: E731
+        _restore_autotuned[grid](
+            m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur, out_p, out_c,
+            H, S, D, *out_p.stride(), BLOCK_D=block_d(D))
+    return out_p, out_c
+
+
+def aot_specs() -> list:
+    """Every kernel and config the launcher can run, for ahead-of-time compile checks."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for D in (64, 80, 128, 256):
+            bd = block_d(D)
+            sig = {"e_ptr": f"*{dt}", "magp_ptr": "*fp32", "magc_ptr": "*fp32",
+                   "slot_ptr": "*i32", "kp_ptr": f"*{dt}", "kc_ptr": f"*{dt}",
+                   "op_ptr": f"*{dt}", "oc_ptr": f"*{dt}", "H": "i32", "S": "i32", "D": "i32",
+                   "so_b": "i64", "so_h": "i64", "so_s": "i64", "so_d": "i64",
+                   "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+            for cfg in _prune(restore_configs_full(), {}, BLOCK_D=bd):
+                specs.append((f"restore[{dt},D={D},BS={cfg.kwargs['BLOCK_S']},w={cfg.num_warps}]",
+                              _restore_kernel, sig,
+                              {"BLOCK_S": cfg.kwargs["BLOCK_S"], "BLOCK_D": bd},
+                              cfg.num_warps, cfg.num_stages))
+    return specs

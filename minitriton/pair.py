@@ -1,0 +1,166 @@
+"""`MergedPair`: the compressed cache of one merged layer pair (keys or values).
+
+Layout (all tensors on one device, all contiguous):
+
+    e          [B, H, S, D]  input dtype  shared unit direction of each token pair
+    mag_prev   [B, H, S]     float32      layer l-1's magnitude: |x_prev| ("norm") or
+                                          x_prev . e ("projection")
+    mag_cur    [B, H, S]     float32      layer l's magnitude, same convention
+    slot       [B, H, S]     int32        -1 for a merged token; otherwise the row of the
+                                          retained store that holds its originals
+    kept_prev  [N, D]        input dtype  originals of layer l-1 for the N retained tokens,
+                                          rows in (b, h, s) row-major order
+    kept_cur   [N, D]        input dtype  originals of layer l, same rows
+    d_min      [B, H]        float32      each row's smallest angular distance d = Omega / pi
+    d_max      [B, H]        float32      each row's largest angular distance
+
+`retained` (bool `[B, H, S]`) is `slot >= 0`. The retained store is compact (N rows, no
+padding), so its size is data dependent; `merge` learns N with one host synchronisation.
+`d_min`/`d_max` let a later chunk of the same rows be merged with a threshold that also sees
+the earlier tokens (see `merge(..., d_range=...)`), and `MergedPair.cat` joins chunks along S.
+
+Every tensor above counts in `nbytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+MAGNITUDE_MODES = ("norm", "projection")
+
+
+@dataclass(frozen=True)
+class MergedPair:
+    """The output of `minitriton.merge`: one direction per token pair, two magnitudes, and the
+    retained tokens' original states of both layers.
+
+    Attributes (tensors, see the module docstring for the layout): `e`, `mag_prev`, `mag_cur`,
+    `slot`, `kept_prev`, `kept_cur`, `d_min`, `d_max`; and the settings `t`, `gamma` and
+    `magnitude` ("norm" or "projection").
+
+    Example:
+        >>> m = minitriton.merge(k_prev, k_cur, t=0.6, gamma=0.05)
+        >>> m.shape, m.retained.float().mean().item(), m.compression_ratio
+    """
+
+    e: torch.Tensor
+    mag_prev: torch.Tensor
+    mag_cur: torch.Tensor
+    slot: torch.Tensor
+    kept_prev: torch.Tensor
+    kept_cur: torch.Tensor
+    d_min: torch.Tensor
+    d_max: torch.Tensor
+    t: float
+    gamma: float
+    magnitude: str = "norm"
+
+    # ---- shape and type ---------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, S, D) of each of the two merged inputs."""
+        return tuple(self.e.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.e.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.e.device
+
+    @property
+    def retained(self) -> torch.Tensor:
+        """bool `[B, H, S]`: True where the token pair was kept as it was (not merged)."""
+        return self.slot >= 0
+
+    @property
+    def num_retained(self) -> int:
+        """N, the number of retained token pairs (rows of the retained store)."""
+        return int(self.kept_prev.shape[0])
+
+    # ---- bytes ------------------------------------------------------------------------------
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.e, self.mag_prev, self.mag_cur, self.slot, self.kept_prev, self.kept_cur,
+                self.d_min, self.d_max)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte this pair holds."""
+        return sum(x.numel() * x.element_size() for x in self.tensors())
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the two dense inputs `[B, H, S, D]` in the input dtype."""
+        return 2 * self.e.numel() * self.e.element_size()
+
+    @property
+    def compression_ratio(self) -> float:
+        """dense_nbytes / nbytes (about 2 for D = 128 and few retained tokens)."""
+        return self.dense_nbytes / max(self.nbytes, 1)
+
+    # ---- moves and joins --------------------------------------------------------------------
+    def to(self, device) -> "MergedPair":
+        """A copy on `device` (or self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return replace(self, **moved)
+
+    @staticmethod
+    def cat(pairs: "list[MergedPair]") -> "MergedPair":
+        """Join pairs of the same B, H, D, dtype and settings along the token axis S.
+
+        The retained stores are concatenated and re-ordered so that rows stay in (b, h, s)
+        row-major order; `d_min`/`d_max` become the extremes over all pairs.
+        """
+        if not pairs:
+            raise ValueError("pairs: expected at least one MergedPair, got an empty list")
+        for i, p in enumerate(pairs):
+            if not isinstance(p, MergedPair):
+                raise TypeError(f"pairs[{i}]: expected a MergedPair, got {type(p).__name__}")
+        first = pairs[0]
+        if len(pairs) == 1:
+            return first
+        B, H, _, D = first.shape
+        for i, p in enumerate(pairs[1:], 1):
+            if (p.shape[0], p.shape[1], p.shape[3]) != (B, H, D) or p.dtype != first.dtype \
+                    or p.device != first.device or p.magnitude != first.magnitude:
+                raise ValueError(
+                    f"pairs[{i}]: shape {p.shape}, dtype {p.dtype}, device {p.device}, "
+                    f"magnitude {p.magnitude!r} do not match pairs[0] ({first.shape}, "
+                    f"{first.dtype}, {first.device}, {first.magnitude!r})")
+        e = torch.cat([p.e for p in pairs], dim=2)
+        mag_prev = torch.cat([p.mag_prev for p in pairs], dim=2)
+        mag_cur = torch.cat([p.mag_cur for p in pairs], dim=2)
+        retained = torch.cat([p.retained for p in pairs], dim=2)
+        # Each pair's store is (b, h, s)-ordered; the joined one must be too. Give every row its
+        # joined (b, h, s) position and sort by it.
+        keys, offset = [], 0
+        for p in pairs:
+            S = p.shape[2]
+            b, h, s = torch.nonzero(p.retained, as_tuple=True)
+            keys.append((b * H + h) * e.shape[2] + s + offset)
+            offset += S
+        key = torch.cat(keys)
+        order = torch.argsort(key)
+        kept_prev = torch.cat([p.kept_prev for p in pairs])[order]
+        kept_cur = torch.cat([p.kept_cur for p in pairs])[order]
+        slot = _slots_from_mask(retained)
+        d_min = torch.stack([p.d_min for p in pairs]).amin(0)
+        d_max = torch.stack([p.d_max for p in pairs]).amax(0)
+        return MergedPair(e, mag_prev, mag_cur, slot, kept_prev, kept_cur, d_min, d_max,
+                          first.t, first.gamma, first.magnitude)
+
+
+_TENSOR_FIELDS = ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max")
+
+
+def _slots_from_mask(retained: torch.Tensor) -> torch.Tensor:
+    """int32 `[B, H, S]`: the row of each retained token in a (b, h, s)-ordered store, else -1."""
+    flat = retained.reshape(-1)
+    rows = torch.cumsum(flat.to(torch.int32), 0, dtype=torch.int32) - 1
+    return torch.where(flat, rows, torch.full_like(rows, -1)).reshape(retained.shape)

@@ -1,0 +1,137 @@
+"""The numpy float64 reference of MiniCache: the oracle every kernel and the torch path are
+tested against. Written to be read beside the paper (Liu et al., 2024, Sec. 4) and SPEC.md.
+
+Shapes: x_prev, x_cur `[B, H, S, D]` (layer l-1 and layer l of a merged pair).
+Everything here is float64 and loops nowhere it does not have to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Below this |sin(Omega)| the SLERP weights are 0/0-like: use the normalised linear interpolation.
+SIN_EPS = 1e-4
+# Below this norm the linear interpolation itself is "zero" (antiparallel at t = 0.5): take u_c.
+LERP_EPS = 1e-6
+
+
+def _as64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude |x| and direction x / |x| (the zero vector has direction 0)."""
+    n = np.linalg.norm(x, axis=-1)
+    u = np.divide(x, n[..., None], out=np.zeros_like(x), where=n[..., None] > 0)
+    return n, u
+
+
+def slerp_direction(u_p: np.ndarray, u_c: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 2 of the paper: the spherical interpolation of two unit directions.
+
+        Omega = arccos(clamp(u_p . u_c, -1, 1))
+        e = sin((1 - t) Omega) / sin(Omega) u_p + sin(t Omega) / sin(Omega) u_c
+
+    Returns (e renormalised to unit length, Omega).
+    """
+    cos = np.clip(np.sum(u_p * u_c, axis=-1), -1.0, 1.0)
+    omega = np.arccos(cos)
+    sin = np.sin(omega)
+    safe = np.abs(sin) >= SIN_EPS
+    sin_ = np.where(safe, sin, 1.0)
+    w_p = np.where(safe, np.sin((1.0 - t) * omega) / sin_, 1.0 - t)   # nlerp where unsafe
+    w_c = np.where(safe, np.sin(t * omega) / sin_, t)
+    e = w_p[..., None] * u_p + w_c[..., None] * u_c
+    n_e = np.linalg.norm(e, axis=-1)
+    degenerate = (~safe) & (n_e < LERP_EPS)           # antiparallel at t = 0.5: take u_c
+    e = np.where(degenerate[..., None], u_c, e)
+    n_e = np.where(degenerate, np.linalg.norm(u_c, axis=-1), n_e)
+    e = np.divide(e, n_e[..., None], out=np.zeros_like(e), where=n_e[..., None] > 0)
+    return e, omega
+
+
+def retention_threshold(d_min, d_max, gamma: float):
+    """Eq. 5, read with d = Omega / pi: a token is retained iff d > threshold.
+
+    gamma = 0 gives d_max (nothing retained), gamma = 1 gives d_min (all but the least distant).
+    """
+    return np.asarray(d_max) - (np.asarray(d_max) - np.asarray(d_min)) * gamma
+
+
+def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str = "norm",
+              d_range=None) -> dict:
+    """MiniCache merge of one layer pair, in float64.
+
+    Returns a dict of numpy arrays:
+        e `[B, H, S, D]`, mag_prev / mag_cur `[B, H, S]`, d `[B, H, S]` (angular distance),
+        d_min / d_max `[B, H]`, threshold `[B, H]`, retained bool `[B, H, S]`,
+        x_prev / x_cur (the float64 inputs, for restore_ref).
+    d_range: optional (d_min, d_max) `[B, H]` of earlier tokens of the same rows.
+    """
+    x_p, x_c = _as64(x_prev), _as64(x_cur)
+    n_p, u_p = _unit(x_p)                              # magnitudes and directions (Eq. 1)
+    n_c, u_c = _unit(x_c)
+    e, omega = slerp_direction(u_p, u_c, t)            # shared direction (Eq. 2)
+    d = omega / np.pi                                  # angular distance in [0, 1]
+    if magnitude == "norm":                            # the paper: keep |x|
+        mag_p, mag_c = n_p, n_c
+    elif magnitude == "projection":                    # least squares on the line of e
+        mag_p, mag_c = np.sum(x_p * e, axis=-1), np.sum(x_c * e, axis=-1)
+    else:
+        raise ValueError(f"magnitude: expected 'norm' or 'projection', got {magnitude!r}")
+    d_min, d_max = d.min(axis=-1), d.max(axis=-1)      # each (b, h) row's extremes
+    if d_range is not None:
+        d_min = np.minimum(d_min, _as64(d_range[0]))
+        d_max = np.maximum(d_max, _as64(d_range[1]))
+    thr = retention_threshold(d_min, d_max, gamma)
+    retained = d > thr[..., None]                      # the most distinct pairs (Eq. 5)
+    return dict(e=e, mag_prev=mag_p, mag_cur=mag_c, d=d, d_min=d_min, d_max=d_max,
+                threshold=thr, retained=retained, x_prev=x_p, x_cur=x_c)
+
+
+def restore_ref(m: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3: x_hat = magnitude * e, and retained tokens take back their originals."""
+    r = m["retained"][..., None]
+    x_p_hat = np.where(r, m["x_prev"], m["mag_prev"][..., None] * m["e"])
+    x_c_hat = np.where(r, m["x_cur"], m["mag_cur"][..., None] * m["e"])
+    return x_p_hat, x_c_hat
+
+
+def decode_attention_ref(q, k_hat, v_hat, k_tail=None, v_tail=None, seq_lens=None,
+                         tail_lens=None, sm_scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax attention of one query token per sequence over dense keys/values, float64.
+
+    q `[B, Hq, D]`; k_hat, v_hat `[B, H, S, D]` (a restored layer); k_tail, v_tail `[B, H, T, D]`;
+    seq_lens, tail_lens `[B]` (defaults S and T). Query head i reads KV head i // (Hq // H).
+    Returns (o `[B, Hq, D]`, lse `[B, Hq]`, natural log of the softmax denominator of the scaled
+    scores). A row with no token gives o = 0 and lse = -inf.
+    """
+    q, k_hat, v_hat = _as64(q), _as64(k_hat), _as64(v_hat)
+    B, Hq, D = q.shape
+    H, S = k_hat.shape[1], k_hat.shape[2]
+    G = Hq // H
+    scale = 1.0 / np.sqrt(D) if sm_scale is None else float(sm_scale)
+    T = 0 if k_tail is None else k_tail.shape[2]
+    seq_lens = np.full(B, S) if seq_lens is None else _as64(seq_lens).astype(np.int64)
+    tail_lens = np.full(B, T) if tail_lens is None else _as64(tail_lens).astype(np.int64)
+    o = np.zeros((B, Hq, D))
+    lse = np.full((B, Hq), -np.inf)
+    for b in range(B):
+        ks = [k_hat[b, :, : seq_lens[b]]]
+        vs = [v_hat[b, :, : seq_lens[b]]]
+        if T:
+            ks.append(_as64(k_tail)[b, :, : tail_lens[b]])
+            vs.append(_as64(v_tail)[b, :, : tail_lens[b]])
+        k_b, v_b = np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)   # [H, n, D]
+        if k_b.shape[1] == 0:
+            continue
+        k_b, v_b = np.repeat(k_b, G, axis=0), np.repeat(v_b, G, axis=0)     # [Hq, n, D]
+        s = np.einsum("hd,hnd->hn", q[b], k_b) * scale
+        m = s.max(axis=-1, keepdims=True)
+        p = np.exp(s - m)
+        den = p.sum(axis=-1, keepdims=True)
+        o[b] = np.einsum("hn,hnd->hd", p / den, v_b)
+        lse[b] = (m + np.log(den))[:, 0]
+    return o, lse
