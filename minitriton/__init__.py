@@ -3,10 +3,12 @@ Triton kernels with a torch path for CPUs.
 
     m = minitriton.merge(k_prev, k_cur, t=0.6, gamma=0.05)   # [B, H, S, D] x 2 -> MergedPair
     k_prev_hat, k_cur_hat = minitriton.restore(m)
+    o = minitriton.decode_attention(q, m_k, m_v, layer="cur")  # over the compressed cache
 """
 
+from .decode import decode_attention
 from .merge import merge, restore
 from .pair import MergedPair
 
-__all__ = ["merge", "restore", "MergedPair"]
+__all__ = ["merge", "restore", "decode_attention", "MergedPair"]
 __version__ = "0.1.0"

@@ -87,6 +87,7 @@ class Case:
     compressed_bytes: int    # the MergedPair(s) the point works on
     dense_bytes: int         # the same layers uncompressed
     notes: list = field(default_factory=list)   # baselines not measured, and why
+    inputs: tuple = ()       # merge: (x_prev, x_cur), for baselines over the same tensors
 
 
 # ---- grids ----------------------------------------------------------------------------------
@@ -157,6 +158,12 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _restore_bytes(m) -> int:
+    """restore's minimum traffic: read everything but d_min/d_max, write both layers."""
+    return (_nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)
+            + 2 * m.e.numel() * m.e.element_size())
+
+
 def _copy_provider(nbytes: int, device) -> Provider:
     half = max(1, nbytes // 2)
 
@@ -167,11 +174,16 @@ def _copy_provider(nbytes: int, device) -> Provider:
     return Provider("copy", make, 2 * half)
 
 
-def _with_torch_baseline(providers, device, case_bytes, make):
+def _op_torch_copy(make_op, nbytes: int, device) -> tuple[list, list]:
+    """(providers, notes): the op, the same op on the torch path where the op itself runs the
+    Triton kernels, and the copy of its bytes."""
+    providers, notes = [Provider("op", make_op, nbytes)], []
     if op_backend(device) == "triton":
-        providers.append(Provider("torch", make, case_bytes, env={"MINITRITON_BACKEND": "torch"}))
-        return None
-    return "torch: the op itself runs the torch path on this device"
+        providers.append(Provider("torch", make_op, nbytes, env={"MINITRITON_BACKEND": "torch"}))
+    else:
+        notes.append("torch: the op itself runs the torch path on this device")
+    providers.append(_copy_provider(nbytes, device))
+    return providers, notes
 
 
 # ---- cases ----------------------------------------------------------------------------------
@@ -181,36 +193,30 @@ def build(p: Point, device: torch.device, seed: int = 0) -> Case:
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    E = torch.empty((), dtype=p.dtype).element_size()
-    dense = p.B * p.H * p.S * p.D * E
     if p.op == "merge":
         x_prev, x_cur = _layers((p.B, p.H, p.S, p.D), p.dtype, device, gen)
         m = mt.merge(x_prev, x_cur, T_MERGE, GAMMA)
-        nbytes = 2 * dense + m.nbytes
+        nbytes = m.dense_nbytes + m.nbytes   # both inputs read, the whole pair written
 
         def make():
             return lambda: mt.merge(x_prev, x_cur, T_MERGE, GAMMA)
-        providers = [Provider("op", make, nbytes)]
-        notes = [_with_torch_baseline(providers, device, nbytes, make)]
-        providers.append(_copy_provider(nbytes, device))
+        providers, notes = _op_torch_copy(make, nbytes, device)
         flops = p.B * p.H * p.S * (9 * p.D + 40)
-        return Case(p, providers, flops, 2 * dense, m.nbytes, m.dense_nbytes,
-                    [n for n in notes if n])
+        return Case(p, providers, flops, m.dense_nbytes, m.nbytes, m.dense_nbytes, notes,
+                    inputs=(x_prev, x_cur))
     if p.op == "restore":
         m = mt.merge(*_layers((p.B, p.H, p.S, p.D), p.dtype, device, gen), T_MERGE, GAMMA)
-        nbytes = _nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur) + 2 * dense
+        nbytes = _restore_bytes(m)
 
         def make():
             return lambda: mt.restore(m)
-        providers = [Provider("op", make, nbytes)]
-        notes = [_with_torch_baseline(providers, device, nbytes, make)]
-        providers.append(_copy_provider(nbytes, device))
+        providers, notes = _op_torch_copy(make, nbytes, device)
         return Case(p, providers, 2 * p.B * p.H * p.S * p.D, m.nbytes, m.nbytes, m.dense_nbytes,
-                    [n for n in notes if n])
-    return _build_decode(p, device, gen, E, mt)
+                    notes)
+    return _build_decode(p, device, gen, mt)
 
 
-def _build_decode(p: Point, device, gen, E: int, mt) -> Case:
+def _build_decode(p: Point, device, gen, mt) -> Case:
     B, H, S, D, Hq, T = p.B, p.H, p.S, p.D, p.Hq, p.T
     G = Hq // H
     pairs, dense_kv = [], []
@@ -249,17 +255,15 @@ def _build_decode(p: Point, device, gen, E: int, mt) -> Case:
         return run
 
     op_bytes = layer_bytes + io
-    restore_bytes = sum(_nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)
-                        + 2 * B * H * S * D * E for m in pairs)
-    providers = [Provider("op", make_op, op_bytes), Provider("sdpa", make_sdpa, sdpa_bytes)]
-    notes = []
+    restore_bytes = sum(_restore_bytes(m) for m in pairs)
+    providers, notes = _op_torch_copy(make_op, op_bytes, device)
+    providers.append(Provider("sdpa", make_sdpa, sdpa_bytes))
     flash = _flash_provider(q, kd, vd, sdpa_bytes)
     if isinstance(flash, Provider):
         providers.append(flash)
     else:
         notes.append(flash)
     providers.append(Provider("restore+sdpa", make_restore_sdpa, restore_bytes + sdpa_bytes))
-    providers.append(_copy_provider(op_bytes, device))
     flops = 4 * B * Hq * (S + T) * D
     return Case(p, providers, flops, layer_bytes, kp.nbytes + vp.nbytes,
                 kp.dense_nbytes + vp.dense_nbytes, notes)

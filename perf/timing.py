@@ -53,8 +53,13 @@ def bench_cpu(fn, warmup_ms: float = 25.0, rep_ms: float = 100.0,
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    return Timing(*(_quantile(samples, q) for q in QUANTILES))
+    return summarize(samples)
+
+
+def summarize(samples_ms: list[float]) -> Timing:
+    """The median, p20 and p80 of per-call times in milliseconds."""
+    ordered = sorted(samples_ms)
+    return Timing(*(_quantile(ordered, q) for q in QUANTILES))
 
 
 def bench(fn, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Timing:
@@ -66,6 +71,22 @@ def bench(fn, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100
                                                 quantiles=list(QUANTILES))
         return Timing(float(med), float(p20), float(p80))
     return bench_cpu(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
+def host_ms_per_call(fn, device: torch.device, budget_ms: float = 20.0,
+                     median_ms: float = 0.0) -> float:
+    """Wall-clock milliseconds per call of `fn` called back to back, with one synchronisation
+    at the end: the steady-state cost of a call including Python and the launches, which
+    do_bench's events can hide behind the L2 flush that precedes each call. `median_ms` (e.g.
+    do_bench's) sizes the number of calls to about `budget_ms`."""
+    n = int(min(1000, max(10, budget_ms / max(median_ms, 1e-3))))
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
 # ---- where the figures come from ------------------------------------------------------------

@@ -20,13 +20,17 @@ from ..pair import MergedPair
 from ..reference import LERP_EPS, SIN_EPS
 from .common import PI, atan2_nonneg, block_d, pick_configs
 
+# Globals a kernel reads must be constexpr.
+_PI = tl.constexpr(PI)
+_SIN_EPS = tl.constexpr(SIN_EPS)
+_LERP_EPS = tl.constexpr(LERP_EPS)
+
 
 def merge_configs_full() -> list:
     """Autotune space of pass 1 on a GPU, keyed on D (and the input dtype, which the autotuner
-    adds). BLOCK_S x BLOCK_D stays <= 8192 elements a tile (see `_prune`) so the two inputs, e
-    and the float32 temporaries fit in registers without spilling at 2-8 warps."""
+    adds); `_prune` keeps the configs that fit in registers."""
     return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
-            for bs in (4, 8, 16, 32) for w in (2, 4, 8)]
+            for bs in (8, 16, 32) for w in (4, 8)]
 
 
 def merge_configs() -> list:
@@ -36,8 +40,12 @@ def merge_configs() -> list:
 
 
 def _prune(configs, named_args, **kwargs):
+    """At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven
+    float32 tiles live (inputs, directions, e and the difference/sum), and 16 a thread already
+    spills on sm_80 (215 registers + stack at BLOCK_S=32, D=128, 8 warps). BLOCK_S = 4 is not
+    offered: at D = 256 ptxas spills 8 bytes for it on sm_90 even at 64 registers."""
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 8192]
+    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 256 * c.num_warps]
     return kept or configs[:1]
 
 
@@ -77,17 +85,17 @@ def _merge_kernel(
     b_sum = b_up + b_uc
     l_dif = tl.sqrt(tl.sum(b_dif * b_dif, axis=1))
     l_sum = tl.sqrt(tl.sum(b_sum * b_sum, axis=1))
-    omega = tl.where(zero, 0.5 * PI, 2.0 * atan2_nonneg(l_dif, l_sum))
+    omega = tl.where(zero, 0.5 * _PI, 2.0 * atan2_nonneg(l_dif, l_sum))
     sin = tl.where(zero, 1.0, 0.5 * l_dif * l_sum)
 
     # SLERP weights; normalised linear interpolation where sin(Omega) ~ 0.
-    safe = sin >= SIN_EPS
+    safe = sin >= _SIN_EPS
     sin_ = tl.where(safe, sin, 1.0)
     w_p = tl.where(safe, tl.sin((1.0 - t) * omega) / sin_, 1.0 - t)
     w_c = tl.where(safe, tl.sin(t * omega) / sin_, t)
     b_e = w_p[:, None] * b_up + w_c[:, None] * b_uc
     n_e = tl.sqrt(tl.sum(b_e * b_e, axis=1))
-    degenerate = (~safe) & (n_e < LERP_EPS)          # antiparallel at t = 0.5: take u_c
+    degenerate = (~safe) & (n_e < _LERP_EPS)          # antiparallel at t = 0.5: take u_c
     b_e = tl.where(degenerate[:, None], b_uc, b_e)
     n_e = tl.where(degenerate, tl.where(n_c > 0, 1.0, 0.0), n_e)
     b_e = b_e * tl.where(n_e > 0, 1.0 / tl.where(n_e > 0, n_e, 1.0), 0.0)[:, None]
@@ -98,7 +106,7 @@ def _merge_kernel(
     else:
         mag_p = n_p
         mag_c = n_c
-    d = omega * (1.0 / PI)
+    d = omega * (1.0 / _PI)
 
     o_tok = i_bh * S + o_s                                                  # [BLOCK_S]
     p_e = e_ptr + o_tok[:, None] * D + o_d[None, :]
@@ -179,31 +187,35 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
 
 
 def aot_specs() -> list:
-    """Every kernel and config the launchers can run, for ahead-of-time compile checks."""
+    """Every kernel and config the launchers can run, for ahead-of-time compile checks.
+
+    D is a runtime argument, so a compiled kernel depends on BLOCK_D (the power of two covering
+    D), not on D itself: every pruned autotune config at every BLOCK_D in 16..256 for bfloat16
+    and float32 (the PROJECTION variant, which keeps more live), the "norm" variant at
+    BLOCK_D = 128, and float16 (the same code as bfloat16 but the load's conversion) at 128."""
     specs = []
+    strides = {f"s{w}_{a}": "i64" for w in "pc" for a in "bhsd"}
+    plan = [(dt, bd, True) for dt in ("bf16", "fp32") for bd in (16, 32, 64, 128, 256)]
+    plan += [(dt, 128, False) for dt in ("bf16", "fp32")] + [("fp16", 128, True)]
+    for dt, bd, proj in plan:
+        sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "e_ptr": f"*{dt}",
+               "magp_ptr": "*fp32", "magc_ptr": "*fp32", "d_ptr": "*fp32",
+               "dmin_ptr": "*fp32", "dmax_ptr": "*fp32", "H": "i32", "S": "i32",
+               "D": "i32", **strides, "t": "fp32", "PROJECTION": "constexpr",
+               "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+        for cfg in _prune(merge_configs_full(), {}, BLOCK_D=bd):
+            bs = cfg.kwargs["BLOCK_S"]
+            specs.append((f"merge[{dt},BD={bd},proj={int(proj)},BS={bs},w={cfg.num_warps}]",
+                          _merge_kernel, sig, {"PROJECTION": proj, "BLOCK_S": bs, "BLOCK_D": bd},
+                          cfg.num_warps, cfg.num_stages))
     for dt in ("fp16", "bf16", "fp32"):
-        for D in (64, 80, 128, 256):
-            bd = block_d(D)
-            for proj in (False, True):
-                sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "e_ptr": f"*{dt}",
-                       "magp_ptr": "*fp32", "magc_ptr": "*fp32", "d_ptr": "*fp32",
-                       "dmin_ptr": "*fp32", "dmax_ptr": "*fp32", "H": "i32", "S": "i32",
-                       "D": "i32", **{f"s{w}_{a}": "i64" for w in "pc" for a in "bhsd"},
-                       "t": "fp32", "PROJECTION": "constexpr", "BLOCK_S": "constexpr",
-                       "BLOCK_D": "constexpr"}
-                for cfg in _prune(merge_configs_full(), {}, BLOCK_D=bd):
-                    specs.append((f"merge[{dt},D={D},proj={proj},BS={cfg.kwargs['BLOCK_S']},"
-                                  f"w={cfg.num_warps}]", _merge_kernel, sig,
-                                  {"PROJECTION": proj, "BLOCK_S": cfg.kwargs["BLOCK_S"],
-                                   "BLOCK_D": bd}, cfg.num_warps, cfg.num_stages))
+        for bd in (16, 128, 256):
             sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "idx_ptr": "*i64", "kp_ptr": f"*{dt}",
                    "kc_ptr": f"*{dt}", "N": "i32", "H": "i32", "S": "i32", "D": "i32",
-                   **{f"s{w}_{a}": "i64" for w in "pc" for a in "bhsd"},
-                   "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-            specs.append((f"gather[{dt},D={D}]", _gather_kernel, sig,
+                   **strides, "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+            specs.append((f"gather[{dt},BD={bd}]", _gather_kernel, sig,
                           {"BLOCK_R": GATHER_ROWS, "BLOCK_D": bd}, 4, 3))
     return specs
-
 
 
 __all__ = ["merge_triton", "gather_retained_triton", "merge_configs", "aot_specs"]

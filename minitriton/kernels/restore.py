@@ -18,9 +18,9 @@ from .common import block_d, pick_configs
 
 
 def restore_configs_full() -> list:
-    """GPU autotune space, keyed on D (and dtype); BLOCK_S x BLOCK_D <= 8192 (see `_prune`)."""
+    """GPU autotune space, keyed on D (and dtype); `_prune` keeps the configs that fit."""
     return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
-            for bs in (8, 16, 32, 64) for w in (4, 8)]
+            for bs in (8, 16, 32) for w in (4, 8)]
 
 
 def restore_configs() -> list:
@@ -29,8 +29,9 @@ def restore_configs() -> list:
 
 
 def _prune(configs, named_args, **kwargs):
+    """At most 16 elements of a [BLOCK_S, BLOCK_D] tile per thread (32 spill at D = 256)."""
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 8192]
+    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 512 * c.num_warps]
     return kept or configs[:1]
 
 
@@ -89,19 +90,18 @@ def restore_triton(m: MergedPair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def aot_specs() -> list:
-    """Every kernel and config the launcher can run, for ahead-of-time compile checks."""
+    """Every pruned config at every BLOCK_D in 16..256 for bfloat16 and float32, and float16 at
+    BLOCK_D = 128 (D itself is a runtime argument; see kernels/merge.py)."""
     specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        for D in (64, 80, 128, 256):
-            bd = block_d(D)
-            sig = {"e_ptr": f"*{dt}", "magp_ptr": "*fp32", "magc_ptr": "*fp32",
-                   "slot_ptr": "*i32", "kp_ptr": f"*{dt}", "kc_ptr": f"*{dt}",
-                   "op_ptr": f"*{dt}", "oc_ptr": f"*{dt}", "H": "i32", "S": "i32", "D": "i32",
-                   "so_b": "i64", "so_h": "i64", "so_s": "i64", "so_d": "i64",
-                   "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-            for cfg in _prune(restore_configs_full(), {}, BLOCK_D=bd):
-                specs.append((f"restore[{dt},D={D},BS={cfg.kwargs['BLOCK_S']},w={cfg.num_warps}]",
-                              _restore_kernel, sig,
-                              {"BLOCK_S": cfg.kwargs["BLOCK_S"], "BLOCK_D": bd},
-                              cfg.num_warps, cfg.num_stages))
+    plan = [(dt, bd) for dt in ("bf16", "fp32") for bd in (16, 32, 64, 128, 256)]
+    for dt, bd in plan + [("fp16", 128)]:
+        sig = {"e_ptr": f"*{dt}", "magp_ptr": "*fp32", "magc_ptr": "*fp32",
+               "slot_ptr": "*i32", "kp_ptr": f"*{dt}", "kc_ptr": f"*{dt}",
+               "op_ptr": f"*{dt}", "oc_ptr": f"*{dt}", "H": "i32", "S": "i32", "D": "i32",
+               "so_b": "i64", "so_h": "i64", "so_s": "i64", "so_d": "i64",
+               "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+        for cfg in _prune(restore_configs_full(), {}, BLOCK_D=bd):
+            bs = cfg.kwargs["BLOCK_S"]
+            specs.append((f"restore[{dt},BD={bd},BS={bs},w={cfg.num_warps}]", _restore_kernel,
+                          sig, {"BLOCK_S": bs, "BLOCK_D": bd}, cfg.num_warps, cfg.num_stages))
     return specs

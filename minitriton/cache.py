@@ -1,0 +1,584 @@
+"""A MiniCache KV cache, independent of any model framework.
+
+The cache holds, for every layer of a model, the key and value states `[B, H, S, D]` of the
+tokens seen so far. Layers named in a `MergePlan` are stored in adjacent pairs (l-1, l):
+
+    sink   the first `sink` tokens of each layer, dense (never merged)
+    store  the merged tokens: one `MergedPair` for the keys and one for the values of both layers
+           (or, for the "mean" baseline, one dense average per pair)
+    tail   the newest tokens of each layer, dense, not yet merged
+
+and `get(layer)` returns `sink + restore(store)[layer] + tail`, in order: no token is ever lost
+and the sequence length is exact. Other layers are stored densely.
+
+When merges happen:
+- Prefill. The first states of a pair arrive layer by layer (prev, then cur). The prev layer's
+  states are held until the cur layer's arrive; then both are merged as ONE chunk (retention over
+  the whole prompt) and no dense copy is kept. The states returned to the model for that forward
+  are the exact inputs: a prompt attends to itself at full precision, and merging only changes
+  what later tokens see (as in the paper).
+- Decode. Later tokens go to each layer's tail. At the start of a forward (the prev layer's
+  update), whole chunks of `window` (W) tokens are moved from the tails into the store, oldest
+  first; the tokens of the current forward are therefore always attended at full precision, and
+  a multi-token forward (a prefill chunk, scoring) appends all its tokens to the tail.
+  W = 1 merges every token at the next step: the paper's per-token merging.
+
+Chunk retention rule. A chunk is merged with `merge(..., d_range=(old.d_min, old.d_max))` and
+appended with `MergedPair.cat`: a token of the new chunk is retained iff its angular distance
+`d > d_max - (d_max - d_min) * gamma`, where d_min / d_max are the extremes over every token of
+that (b, h) row merged so far INCLUDING the new chunk. Tokens merged earlier keep their decision
+(they are never re-merged); so with W = 1 each token is compared with the extremes of the tokens
+before it, and the result depends only on the token sequence, the prompt length and W, not on
+how the later tokens were grouped into forwards.
+
+Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
+magnitudes, slots and d extremes, tails, held prefill states). A pair's shared store is split
+evenly between its two layers in the per-layer numbers.
+
+Example:
+    >>> cache = MiniCache(num_layers=30, window=16)            # the paper's pairs from L // 2
+    >>> for layer in range(30):
+    ...     k, v = cache.update(layer, k_states[layer], v_states[layer])
+    >>> cache.seq_len(20), cache.compression_ratio
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .merge import merge, restore
+from .pair import MAGNITUDE_MODES, MergedPair
+
+DEFAULT_T = 0.6
+DEFAULT_GAMMA = 0.05
+DEFAULT_WINDOW = 64
+METHODS = ("slerp", "mean")
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairSpec:
+    """One merged layer pair (prev, prev + 1) and its settings.
+
+    Attributes:
+        prev: index of layer l-1; the pair is (prev, prev + 1).
+        t: SLERP parameter in [0, 1] (0 keeps prev's directions exactly, 1 cur's).
+        gamma: retention threshold in [0, 1] (larger retains more tokens).
+        magnitude: "norm" (the paper) or "projection".
+        sink: the first `sink` tokens of both layers are kept dense, never merged.
+        method: "slerp" (MiniCache) or "mean" (both layers replaced by the average of the two
+            states: the paper's averaging baseline; t, gamma and magnitude are then unused).
+    """
+
+    prev: int
+    t: float = DEFAULT_T
+    gamma: float = DEFAULT_GAMMA
+    magnitude: str = "norm"
+    sink: int = 0
+    method: str = "slerp"
+
+    @property
+    def cur(self) -> int:
+        return self.prev + 1
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return (self.prev, self.prev + 1)
+
+    def check(self, num_layers: Optional[int] = None) -> "PairSpec":
+        if isinstance(self.prev, bool) or not isinstance(self.prev, int) or self.prev < 0:
+            raise ValueError(f"prev: expected a layer index >= 0, got {self.prev!r}")
+        if num_layers is not None and self.prev + 1 >= num_layers:
+            raise ValueError(f"pair ({self.prev}, {self.prev + 1}): layer {self.prev + 1} is out "
+                             f"of range for num_layers={num_layers}")
+        for name in ("t", "gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+        if self.magnitude not in MAGNITUDE_MODES:
+            raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got "
+                             f"{self.magnitude!r}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"sink: expected an int >= 0, got {self.sink!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        return self
+
+    def describe(self) -> str:
+        """One line, e.g. `(15,16) slerp t=0.60 gamma=0.05 norm sink=0`."""
+        if self.method == "mean":
+            return f"({self.prev},{self.cur}) mean sink={self.sink}"
+        return (f"({self.prev},{self.cur}) slerp t={self.t:.2f} gamma={self.gamma:.2f} "
+                f"{self.magnitude} sink={self.sink}")
+
+
+class MergePlan:
+    """Which adjacent layer pairs are merged, each with its own `PairSpec`.
+
+    Build it from PairSpecs, or from `(l, l + 1)` tuples that take the shared defaults:
+
+        >>> MergePlan.paper(30)                      # (15,16), (17,18), ..., (27,28)
+        >>> MergePlan([(3, 4), PairSpec(10, t=1.0, gamma=0.3)], t=0.5)
+        >>> MergePlan([])                            # no merging: a dense cache
+
+    Pairs must be adjacent, disjoint, and (given `num_layers`) in range.
+    """
+
+    def __init__(self, pairs: Iterable = (), *, t: float = DEFAULT_T,
+                 gamma: float = DEFAULT_GAMMA, magnitude: str = "norm", sink: int = 0,
+                 method: str = "slerp", num_layers: Optional[int] = None):
+        specs = []
+        for i, p in enumerate(pairs):
+            if isinstance(p, PairSpec):
+                spec = p
+            elif isinstance(p, dict):
+                spec = PairSpec(**p)
+            elif isinstance(p, (tuple, list)) and len(p) == 2:
+                a, b = (int(x) for x in p)
+                if b != a + 1:
+                    raise ValueError(f"pairs[{i}]: expected adjacent layers (l, l + 1), got {p!r}")
+                spec = PairSpec(a, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
+                                method=method)
+            else:
+                raise TypeError(f"pairs[{i}]: expected a PairSpec, dict or (l, l + 1) tuple, "
+                                f"got {p!r}")
+            specs.append(spec.check(num_layers))
+        specs.sort(key=lambda s: s.prev)
+        for a, b in zip(specs, specs[1:]):
+            if b.prev <= a.cur:
+                raise ValueError(f"pairs: ({a.prev},{a.cur}) and ({b.prev},{b.cur}) overlap")
+        self.pairs: tuple[PairSpec, ...] = tuple(specs)
+        self._of = {}
+        for spec in self.pairs:
+            self._of[spec.prev] = (spec, 0)
+            self._of[spec.cur] = (spec, 1)
+
+    @classmethod
+    def paper(cls, num_layers: int, *, start: Optional[int] = None, **settings) -> "MergePlan":
+        """The paper's plan: (s, s+1), (s+2, s+3), ... from s = num_layers // 2 while s + 1 < L."""
+        s = num_layers // 2 if start is None else start
+        return cls([(a, a + 1) for a in range(s, num_layers - 1, 2)], num_layers=num_layers,
+                   **settings)
+
+    def lookup(self, layer: int) -> Optional[tuple[PairSpec, int]]:
+        """(spec, side) for a merged layer (side 0 = prev, 1 = cur), else None."""
+        return self._of.get(layer)
+
+    def merged_layers(self) -> list[int]:
+        return sorted(self._of)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MergePlan) and self.pairs == other.pairs
+
+    def __repr__(self) -> str:
+        return f"MergePlan([{', '.join(s.describe() for s in self.pairs)}])"
+
+    def describe(self) -> list[str]:
+        return [s.describe() for s in self.pairs] or ["(no merged pairs)"]
+
+    def to_json(self) -> str:
+        return json.dumps({"pairs": [asdict(s) for s in self.pairs]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, num_layers: Optional[int] = None) -> "MergePlan":
+        data = json.loads(text)
+        pairs = data["pairs"] if isinstance(data, dict) else data
+        return cls([PairSpec(**p) for p in pairs], num_layers=num_layers)
+
+
+# ---- MergedPair row selection (crop and batch reordering) -------------------------------------
+def _reindex(m: MergedPair, sel) -> MergedPair:
+    """The MergedPair of `m` restricted to `sel`, an index into (B, S) applied as
+    `x[sel_b][:, :, sel_s]`. The retained store is gathered in the new (b, h, s) order."""
+    b_idx, s_sl = sel
+    pick = (lambda x: x[b_idx][:, :, s_sl])
+    slot = pick(m.slot)
+    retained = slot >= 0
+    old_rows = slot[retained].long()          # row-major over the new [B, H, S]: the new order
+    flat = retained.reshape(-1)
+    new_slot = torch.where(flat, torch.cumsum(flat.int(), 0, dtype=torch.int32) - 1,
+                           torch.full_like(flat, -1, dtype=torch.int32)).reshape(retained.shape)
+    return replace(m, e=pick(m.e).contiguous(), mag_prev=pick(m.mag_prev).contiguous(),
+                   mag_cur=pick(m.mag_cur).contiguous(), slot=new_slot.contiguous(),
+                   kept_prev=m.kept_prev[old_rows], kept_cur=m.kept_cur[old_rows],
+                   d_min=m.d_min[b_idx].contiguous(), d_max=m.d_max[b_idx].contiguous())
+
+
+def _nb(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.numel() * x.element_size()
+
+
+def _cat(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None or a.shape[2] == 0:
+        return b
+    if b is None or b.shape[2] == 0:
+        return a
+    return torch.cat([a, b], dim=2)
+
+
+def _len(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else int(x.shape[2])
+
+
+# ---- per-pair storage ---------------------------------------------------------------------------
+class _Pair:
+    """Storage of one merged pair. Lists are indexed by side: 0 = prev, 1 = cur."""
+
+    def __init__(self, spec: PairSpec):
+        self.spec = spec
+        self.sink_k, self.sink_v = [None, None], [None, None]
+        self.tail_k, self.tail_v = [None, None], [None, None]
+        self.mk: Optional[MergedPair] = None      # slerp stores
+        self.mv: Optional[MergedPair] = None
+        self.mean_k: Optional[torch.Tensor] = None  # "mean" stores
+        self.mean_v: Optional[torch.Tensor] = None
+        self.pending = None                        # prev's first states, until cur's arrive
+
+    def merged_len(self) -> int:
+        if self.mk is not None:
+            return self.mk.shape[2]
+        return _len(self.mean_k)
+
+    def seq_len(self, side: int) -> int:
+        n = _len(self.sink_k[side]) + self.merged_len() + _len(self.tail_k[side])
+        if side == 0 and self.pending is not None:
+            n += _len(self.pending[0])
+        return n
+
+    def empty(self) -> bool:
+        return self.seq_len(0) == 0 and self.seq_len(1) == 0
+
+    # -- writes --
+    def absorb(self, kp, vp, kc, vc) -> None:
+        """Sink-fill then merge a chunk of both layers' states (same length)."""
+        room = self.spec.sink - _len(self.sink_k[0])
+        if room > 0:
+            n = min(room, kp.shape[2])
+            for side, (k, v) in enumerate(((kp, vp), (kc, vc))):
+                self.sink_k[side] = _cat(self.sink_k[side], k[:, :, :n].clone())
+                self.sink_v[side] = _cat(self.sink_v[side], v[:, :, :n].clone())
+            kp, vp, kc, vc = (x[:, :, n:] for x in (kp, vp, kc, vc))
+        if kp.shape[2] == 0:
+            return
+        s = self.spec
+        if s.method == "mean":
+            avg = (lambda a, b: ((a.float() + b.float()) * 0.5).to(a.dtype))
+            self.mean_k = _cat(self.mean_k, avg(kp, kc))
+            self.mean_v = _cat(self.mean_v, avg(vp, vc))
+            return
+        for name, (a, b) in (("mk", (kp, kc)), ("mv", (vp, vc))):
+            old = getattr(self, name)
+            d_range = None if old is None else (old.d_min, old.d_max)
+            new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range)
+            setattr(self, name, new if old is None else MergedPair.cat([old, new]))
+
+    def flush(self, window: int) -> None:
+        """Move whole `window`-token chunks of the tails into the store, oldest first."""
+        n0, n1 = _len(self.tail_k[0]), _len(self.tail_k[1])
+        if n0 != n1:
+            raise RuntimeError(f"pair ({self.spec.prev},{self.spec.cur}): tails of different "
+                               f"lengths ({n0} and {n1}); a forward stopped between the layers")
+        done = 0
+        while n0 - done >= window:
+            sl = slice(done, done + window)
+            self.absorb(self.tail_k[0][:, :, sl], self.tail_v[0][:, :, sl],
+                        self.tail_k[1][:, :, sl], self.tail_v[1][:, :, sl])
+            done += window
+        if done:
+            for lst in (self.tail_k, self.tail_v):
+                for side in (0, 1):
+                    rest = lst[side][:, :, done:]
+                    lst[side] = rest.clone() if rest.shape[2] else None
+
+    # -- reads --
+    def merged_states(self, side: int):
+        """(keys, values) of the store for one layer, restored, or (None, None)."""
+        if self.mk is not None:
+            return restore(self.mk)[side], restore(self.mv)[side]
+        return self.mean_k, self.mean_v
+
+    def get(self, side: int):
+        if side == 0 and self.pending is not None:
+            return self.pending
+        mk, mv = self.merged_states(side)
+        k = _cat(_cat(self.sink_k[side], mk), self.tail_k[side])
+        v = _cat(_cat(self.sink_v[side], mv), self.tail_v[side])
+        return k, v
+
+    def tensors(self) -> list:
+        out = [*self.sink_k, *self.sink_v, *self.tail_k, *self.tail_v, self.mean_k, self.mean_v]
+        if self.pending is not None:
+            out += list(self.pending)
+        for m in (self.mk, self.mv):
+            if m is not None:
+                out += list(m.tensors())
+        return [x for x in out if x is not None]
+
+    def shared_nbytes(self) -> int:
+        return sum(m.nbytes for m in (self.mk, self.mv) if m is not None) \
+            + _nb(self.mean_k) + _nb(self.mean_v)
+
+    def own_nbytes(self, side: int) -> int:
+        n = sum(_nb(x) for x in (self.sink_k[side], self.sink_v[side], self.tail_k[side],
+                                 self.tail_v[side]))
+        if side == 0 and self.pending is not None:
+            n += _nb(self.pending[0]) + _nb(self.pending[1])
+        return n
+
+    # -- edits --
+    def select(self, b_idx, length: int) -> None:
+        """Keep batch rows `b_idx` and the first `length` tokens of each layer."""
+        if self.pending is not None:
+            raise RuntimeError("cannot crop or reorder a pair in the middle of its prefill")
+        sink_n = min(_len(self.sink_k[0]), length)
+        merged_n = min(self.merged_len(), length - sink_n)
+        tail_n = length - sink_n - merged_n
+        pick = (lambda x, n: None if x is None or n <= 0 else x[b_idx][:, :, :n].clone())
+        for side in (0, 1):
+            self.sink_k[side] = pick(self.sink_k[side], sink_n)
+            self.sink_v[side] = pick(self.sink_v[side], sink_n)
+            self.tail_k[side] = pick(self.tail_k[side], tail_n)
+            self.tail_v[side] = pick(self.tail_v[side], tail_n)
+        if self.mk is not None:
+            # Cropped tokens leave the store; d_min / d_max stay the extremes of every token that
+            # was merged, so later chunks keep a threshold at least as strict as before.
+            self.mk = _reindex(self.mk, (b_idx, slice(0, merged_n))) if merged_n else None
+            self.mv = _reindex(self.mv, (b_idx, slice(0, merged_n))) if merged_n else None
+        self.mean_k = pick(self.mean_k, merged_n)
+        self.mean_v = pick(self.mean_v, merged_n)
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+class MiniCache:
+    """KV cache of a `num_layers`-layer model with the layer pairs of `plan` merged (MiniCache).
+
+    Args:
+        num_layers: number of layers L of the model.
+        plan: a `MergePlan`, a list of `(l, l + 1)` tuples / `PairSpec`s, or None for the
+            paper's plan (pairs from L // 2). An empty list gives a dense cache.
+        t, gamma, magnitude, sink: defaults for pairs given as tuples (and for plan=None).
+        window: W >= 1, the number of decoded tokens merged at once (chunked append).
+
+    `update(layer, k, v)` takes `[B, H, S, D]` key and value states of one layer and returns
+    the states that the layer attends to; `get(layer)` returns what the cache holds for it.
+    """
+
+    def __init__(self, num_layers: int, plan=None, *, t: float = DEFAULT_T,
+                 gamma: float = DEFAULT_GAMMA, magnitude: str = "norm", sink: int = 0,
+                 window: int = DEFAULT_WINDOW):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: expected an int >= 1, got {window!r}")
+        settings = dict(t=t, gamma=gamma, magnitude=magnitude, sink=sink)
+        if plan is None:
+            plan = MergePlan.paper(num_layers, **settings)
+        elif not isinstance(plan, MergePlan):
+            plan = MergePlan(plan, num_layers=num_layers, **settings)
+        else:
+            plan = MergePlan(plan.pairs, num_layers=num_layers)
+        self.num_layers, self.plan, self.window = num_layers, plan, window
+        self._pairs = {s.prev: _Pair(s) for s in plan}
+        self._dense_k: list = [None] * num_layers
+        self._dense_v: list = [None] * num_layers
+
+    # ---- writes ----
+    def _check_layer(self, layer) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+
+    def _locate(self, layer: int):
+        found = self.plan.lookup(layer)
+        return (None, None) if found is None else (self._pairs[found[0].prev], found[1])
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Store new states `[B, H, S, D]` of `layer`. Returns True when they were the first
+        states of a merged pair (a prefill chunk, to be attended at full precision)."""
+        self._check_layer(layer)
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"{name}: expected a [B, H, S, D] tensor, got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"v: [B, H, S] {tuple(v.shape[:3])} does not match k's "
+                             f"{tuple(k.shape[:3])}")
+        pair, side = self._locate(layer)
+        if pair is None:
+            self._dense_k[layer] = _cat(self._dense_k[layer], k)
+            self._dense_v[layer] = _cat(self._dense_v[layer], v)
+            return False
+        if side == 0:
+            if pair.pending is not None:
+                raise RuntimeError(f"layer {layer}: updated twice before layer {layer + 1}")
+            if pair.empty():
+                pair.pending = (k, v)
+                return True
+            pair.flush(self.window)
+            pair.tail_k[0] = _cat(pair.tail_k[0], k)
+            pair.tail_v[0] = _cat(pair.tail_v[0], v)
+            return False
+        if pair.pending is not None:
+            kp, vp = pair.pending
+            if kp.shape[:3] != k.shape[:3]:
+                raise ValueError(f"k: layer {layer} got shape {tuple(k.shape)}, layer {layer - 1} "
+                                 f"got {tuple(kp.shape)}; a pair's states must match")
+            pair.pending = None
+            pair.absorb(kp, vp, k, v)
+            return True
+        if pair.seq_len(1) + k.shape[2] != pair.seq_len(0):
+            raise RuntimeError(f"layer {layer}: got {k.shape[2]} new tokens but layer {layer - 1} "
+                               f"holds {pair.seq_len(0)} and this one {pair.seq_len(1)}")
+        pair.tail_k[1] = _cat(pair.tail_k[1], k)
+        pair.tail_v[1] = _cat(pair.tail_v[1], v)
+        return False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store new states of `layer` and return `(keys, values)` to attend to: the exact new
+        states for a pair's first chunk, else `get(layer)` (everything held, in order)."""
+        if self.append(layer, k, v):
+            return k, v
+        return self.get(layer)
+
+    # ---- reads ----
+    def get(self, layer: int):
+        """(keys, values) `[B, H, seq_len, D]`: sink, restored merged tokens, tail, in order."""
+        self._check_layer(layer)
+        pair, side = self._locate(layer)
+        if pair is None:
+            return self._dense_k[layer], self._dense_v[layer]
+        return pair.get(side)
+
+    def seq_len(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        pair, side = self._locate(layer)
+        return _len(self._dense_k[layer]) if pair is None else pair.seq_len(side)
+
+    def decode_parts(self, layer: int):
+        """What a fused decode step over `layer` needs, or None when the layer has no merged
+        (slerp) store: `(k_pair, v_pair, side, k_extra, v_extra)` with side "prev" or "cur" and
+        `k_extra`/`v_extra` the dense sink and tail tokens (attention does not depend on the
+        order of the tokens it attends to: positions are already in the keys)."""
+        pair, side = self._locate(layer)
+        if pair is None or pair.mk is None or pair.pending is not None:
+            return None
+        k_extra = _cat(pair.sink_k[side], pair.tail_k[side])
+        v_extra = _cat(pair.sink_v[side], pair.tail_v[side])
+        return pair.mk, pair.mv, ("prev", "cur")[side], k_extra, v_extra
+
+    def merged_pairs(self, layer: int):
+        """The (keys, values) MergedPairs of `layer`'s pair, or None."""
+        pair, _ = self._locate(layer)
+        return None if pair is None or pair.mk is None else (pair.mk, pair.mv)
+
+    # ---- bytes ----
+    def layer_nbytes(self, layer: int) -> int:
+        """Bytes held for one layer (half of its pair's shared store)."""
+        pair, side = self._locate(layer)
+        if pair is None:
+            return _nb(self._dense_k[layer]) + _nb(self._dense_v[layer])
+        shared = pair.shared_nbytes()
+        return pair.own_nbytes(side) + (shared // 2 if side == 0 else shared - shared // 2)
+
+    def layer_dense_nbytes(self, layer: int) -> int:
+        """Bytes of the layer's keys and values as dense `[B, H, seq_len, D]` tensors."""
+        k, v = self._shape_ref(layer)
+        if k is None:
+            return 0
+        n = self.seq_len(layer)
+        return n * (k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+                    + v.shape[0] * v.shape[1] * v.shape[3] * v.element_size())
+
+    def _shape_ref(self, layer: int):
+        pair, side = self._locate(layer)
+        if pair is None:
+            return self._dense_k[layer], self._dense_v[layer]
+        if pair.pending is not None:
+            return pair.pending
+        for k, v in ((pair.sink_k[side], pair.sink_v[side]), (pair.tail_k[side], pair.tail_v[side]),
+                     (pair.mean_k, pair.mean_v)):
+            if k is not None:
+                return k, v
+        if pair.mk is not None:
+            return pair.mk.e, pair.mv.e
+        return None, None
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte held by the cache."""
+        return sum(self.layer_nbytes(i) for i in range(self.num_layers))
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes a dense cache of the same tokens would hold."""
+        return sum(self.layer_dense_nbytes(i) for i in range(self.num_layers))
+
+    @property
+    def compression_ratio(self) -> float:
+        """dense_nbytes / nbytes (1.0 for an empty plan)."""
+        return self.dense_nbytes / max(self.nbytes, 1)
+
+    def retained_fraction(self) -> Optional[float]:
+        """Fraction of merged token pairs retained (keys and values together), or None."""
+        kept = total = 0
+        for pair in self._pairs.values():
+            for m in (pair.mk, pair.mv):
+                if m is not None:
+                    kept += m.num_retained
+                    total += m.slot.numel()
+        return kept / total if total else None
+
+    def stats(self) -> list[dict]:
+        """Per layer: seq_len, nbytes, dense_nbytes, compression, and the pair it belongs to."""
+        out = []
+        for i in range(self.num_layers):
+            found = self.plan.lookup(i)
+            nb, dn = self.layer_nbytes(i), self.layer_dense_nbytes(i)
+            out.append(dict(layer=i, seq_len=self.seq_len(i), nbytes=nb, dense_nbytes=dn,
+                            compression=dn / max(nb, 1),
+                            pair=None if found is None else found[0].describe()))
+        return out
+
+    # ---- edits ----
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens of every layer (merged tokens are cut out of the store;
+        they are not un-merged)."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ValueError(f"length: expected an int >= 0, got {length!r}")
+        self._edit(slice(None), length)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the batch rows `index` (a 1-d integer tensor)."""
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            raise ValueError(f"index: expected a 1-d tensor, got {index!r}")
+        self._edit(index, None)
+
+    def _edit(self, b_idx, length: Optional[int]) -> None:
+        for i in range(self.num_layers):
+            if self.plan.lookup(i) is None:
+                for store in (self._dense_k, self._dense_v):
+                    x = store[i]
+                    if x is not None:
+                        n = x.shape[2] if length is None else min(length, x.shape[2])
+                        store[i] = x[b_idx][:, :, :n]
+        for pair in self._pairs.values():
+            if not pair.empty():
+                n = pair.seq_len(0) if length is None else min(length, pair.seq_len(0))
+                pair.select(b_idx, n)
+
+    def reset(self) -> None:
+        """Drop every stored token (the plan and window stay)."""
+        self.__init__(self.num_layers, self.plan, window=self.window)
+
+
+__all__ = ["MiniCache", "MergePlan", "PairSpec", "DEFAULT_T", "DEFAULT_GAMMA", "DEFAULT_WINDOW",
+           "METHODS"]

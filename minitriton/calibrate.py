@@ -1,0 +1,231 @@
+"""Per-pair similarity diagnostics and calibration of a merge plan (`python -m minitriton calibrate`).
+
+MiniCache assumes that adjacent layers' key/value states point the same way. `similarity`
+measures it (mean cosine of the two layers' states, per adjacent pair). `calibrate` then searches
+which pairs to merge, and with which settings, on calibration text disjoint from the evaluation
+windows (by default tokens from 768 * 4 on; the eval windows end there):
+
+1. Screen: every adjacent pair (l, l+1) alone, with one setting, scored on a short window: the
+   cost (increase in NLL) of merging that pair.
+2. Settings: for the cheapest pairs, a small grid of per-pair settings (t in {0, 0.6, 1},
+   magnitude norm / projection); the cheapest setting wins. gamma stays small (0.05): retaining
+   tokens costs 2 x D values each, so gamma = 0.3 (15-19% retained on this model) cancels most
+   of the bytes for a small gain. The first `sink` tokens are kept dense (attention sinks).
+3. Assemble: add the pairs, cheapest first (skipping overlaps), measuring the whole plan's PPL
+   on the calibration windows; the "budget" plan is the largest one within the PPL budget
+   (default +3% over the dense cache), the "matched" plan continues until its compression
+   reaches `match_compression` (e.g. the paper plan's), for comparisons at equal compression.
+
+Example:
+    >>> plan = minitriton.calibrate(model, tokenizer)                 # a MergePlan
+    >>> report = calibrate(model, tokenizer, return_report=True)      # plans, costs, curve
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .cache import DEFAULT_WINDOW, MergePlan, PairSpec
+from .evaluate import STRIDE, WINDOWS, evaluate_plans, prefill, token_windows
+
+CALIBRATION_START = STRIDE * WINDOWS   # the eval windows use tokens [0, 3072)
+SETTINGS = (  # (t, magnitude) tried per pair in step 2
+    (0.6, "projection"), (0.0, "projection"), (1.0, "projection"), (0.6, "norm"),
+)
+
+
+@torch.no_grad()
+def similarity(states_by_window) -> list[dict]:
+    """Per adjacent pair (l, l+1): mean cosine similarity of the two layers' keys and values
+    (over windows, heads, tokens), and the mean angular distance d = arccos(cos) / pi of keys.
+
+    states_by_window: a list (one per window) of per-layer `(k, v)` `[B, H, S, D]` states.
+    """
+    L = len(states_by_window[0])
+    out = []
+    for l in range(L - 1):
+        kc = vc = kd = 0.0
+        for states in states_by_window:
+            (k0, v0), (k1, v1) = states[l], states[l + 1]
+            ck = torch.nn.functional.cosine_similarity(k0.float(), k1.float(), dim=-1)
+            cv = torch.nn.functional.cosine_similarity(v0.float(), v1.float(), dim=-1)
+            kc += float(ck.mean())
+            vc += float(cv.mean())
+            kd += float(torch.arccos(ck.clamp(-1, 1)).mean() / math.pi)
+        n = len(states_by_window)
+        out.append(dict(pair=(l, l + 1), key_cos=kc / n, value_cos=vc / n, key_dist=kd / n))
+    return out
+
+
+@dataclass
+class CalibrationReport:
+    plan: MergePlan                       # the budget plan
+    plans: dict                           # name -> MergePlan ("calibrated", "calibrated-matched")
+    full_ppl: float
+    budget_pct: float
+    similarity: list                      # see `similarity`
+    pair_costs: list                      # per pair: dict(pair, cost_pct, best setting)
+    curve: list = field(default_factory=list)   # [(n_pairs, compression, ppl)] while adding
+    order: list = field(default_factory=list)   # PairSpecs in the order they were added
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        lines = [f"dense PPL on the calibration windows: {self.full_ppl:.3f}; "
+                 f"budget +{self.budget_pct:g}%"]
+        for name, plan in self.plans.items():
+            lines.append(f"{name}: {len(plan)} pairs: " + "; ".join(plan.describe()))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dict(plans={k: [vars(s) for s in p] for k, p in self.plans.items()},
+                    full_ppl=self.full_ppl, budget_pct=self.budget_pct,
+                    similarity=[dict(d, pair=list(d["pair"])) for d in self.similarity],
+                    pair_costs=self.pair_costs, curve=self.curve,
+                    order=[vars(s) for s in self.order], seconds=self.seconds)
+
+
+def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
+              budget_pct: float = 3.0, start: int = CALIBRATION_START, n_windows: int = 2,
+              sink: int = 4, gamma: float = 0.05, top: int = 10,
+              match_compression: Optional[float] = None, window: int = DEFAULT_WINDOW,
+              progress: bool = True, return_report: bool = False):
+    """Choose the pairs and per-pair settings (t, magnitude, sink) that give the most
+    compression with PPL within `budget_pct` % of the dense cache's, on calibration text.
+
+    Args:
+        model, tokenizer: a transformers causal LM and its tokenizer.
+        text / ids: the calibration text (default: the embedded text), or its token ids.
+        budget_pct: allowed PPL increase over the dense cache, in percent.
+        start: first calibration token (default 3072, after the evaluation windows).
+        n_windows: calibration windows (512 prefix + 256 continuation, stride 768).
+        sink, gamma: per-pair sink tokens and retention threshold.
+        top: how many of the cheapest pairs get the settings grid and may enter the plan.
+        match_compression: also build "calibrated-matched", adding pairs until the plan's
+            compression reaches this (default: that of the paper's plan on these windows).
+        return_report: return a `CalibrationReport` instead of the budget `MergePlan`.
+    """
+    t_start = time.perf_counter()
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if ids is None:
+        if text is None:
+            from .assets import load_text
+            text = load_text()
+        ids = tokenizer(text).input_ids
+    wins = token_windows(ids, n_windows, start=start)
+    screen = token_windows(ids, 1, start=start, continuation=128)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(desc="calibrate", unit="eval", leave=False)
+
+    def run(wins_, pre_, configs):
+        if bar is not None:
+            bar.total = (bar.total or 0) + len(configs) * len(wins_)
+        return evaluate_plans(model, wins_, configs, window=window, bar=bar, prefilled=pre_)
+
+    pre = [prefill(model, w.prefix) for w in wins]
+    pre_screen = [prefill(model, w.prefix) for w in screen]
+    sims = similarity([states for _, states in pre])
+
+    # 1. screen every adjacent pair with one setting
+    base_screen = run(screen, pre_screen, {"full": MergePlan([])})["full"]["ppl"]
+    spec0 = dict(t=SETTINGS[0][0], magnitude=SETTINGS[0][1], gamma=gamma, sink=sink)
+    screened = run(screen, pre_screen, {l: MergePlan([PairSpec(l, **spec0)])
+                                        for l in range(num_layers - 1)})
+    cost = {l: 100 * (r["ppl"] / base_screen - 1) for l, r in screened.items()}
+    best = {l: PairSpec(l, **spec0) for l in cost}
+
+    # 2. a settings grid for the cheapest pairs
+    cheapest = sorted(cost, key=cost.get)[:top]
+    grid = {}
+    for l in cheapest:
+        for t, mag in SETTINGS[1:]:
+            grid[(l, t, mag)] = MergePlan([PairSpec(l, t=t, magnitude=mag, gamma=gamma,
+                                                    sink=sink)])
+    for (l, t, mag), r in run(screen, pre_screen, grid).items():
+        c = 100 * (r["ppl"] / base_screen - 1)
+        if c < cost[l]:
+            cost[l], best[l] = c, PairSpec(l, t=t, magnitude=mag, gamma=gamma, sink=sink)
+
+    # 3. assemble, cheapest first, measuring the whole plan on the calibration windows
+    ref = run(wins, pre, {"full": MergePlan([]), "paper": MergePlan.paper(num_layers)})
+    full_ppl = ref["full"]["ppl"]
+    target = match_compression or ref["paper"]["compression"]
+    chosen, order, curve = [], [], [(0, 1.0, full_ppl)]
+    budget_plan = MergePlan([])
+    matched = None
+    for l in sorted(cheapest, key=cost.get):
+        if any(abs(l - s.prev) < 2 for s in chosen):
+            continue
+        trial = MergePlan(chosen + [best[l]], num_layers=num_layers)
+        r = run(wins, pre, {"trial": trial})["trial"]
+        within = r["ppl"] <= full_ppl * (1 + budget_pct / 100)
+        if within or matched is None:
+            chosen.append(best[l])
+            order.append(best[l])
+            curve.append((len(chosen), r["compression"], r["ppl"]))
+            if within and len(budget_plan) == len(chosen) - 1:
+                budget_plan = trial
+            if r["compression"] >= target and matched is None:
+                matched = trial
+                break
+    if bar is not None:
+        bar.close()
+    plans = {"calibrated": budget_plan}
+    if matched is not None:
+        plans["calibrated-matched"] = matched
+    pair_costs = [dict(pair=[l, l + 1], cost_pct=cost[l], setting=best[l].describe())
+                  for l in sorted(cost)]
+    report = CalibrationReport(plan=budget_plan, plans=plans, full_ppl=full_ppl,
+                               budget_pct=budget_pct, similarity=sims, pair_costs=pair_costs,
+                               curve=curve, order=order, seconds=time.perf_counter() - t_start)
+    return report if return_report else budget_plan
+
+
+# ---- plans calibrated on the embedded model -----------------------------------------------------
+# `python -m minitriton calibrate` on SmolLM2-135M-Instruct (Q4_1, float32), calibration windows
+# at tokens 3072 and 3840 of the embedded text (disjoint from the eval windows), budget +3%.
+# "order" is the sequence in which the greedy search added pairs (the calibrated curve).
+# Measured there: dense PPL 29.47; the curve (pairs, compression, PPL) went (5, 1.18x, 30.26),
+# (6, 1.23x, 31.21), (7, 1.28x, 33.53), (8, 1.33x, 34.60).
+SMOLLM2_135M = {
+    "order": [
+        dict(prev=24, t=0.6, gamma=0.05, magnitude="norm", sink=4),
+        dict(prev=26, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=28, t=0.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=4, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=18, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=9, t=0.6, gamma=0.05, magnitude="norm", sink=4),
+        dict(prev=11, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=20, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+    ],
+    "calibrated": 5,           # number of leading pairs of "order" in each plan
+    "calibrated-matched": 8,   # compression >= the paper plan's
+}
+
+
+def _is_smollm2_135m(model) -> bool:
+    cfg = model.config.get_text_config(decoder=True)
+    return (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", 64)) == (30, 576, 3, 64)
+
+
+def shipped_order(model) -> list:
+    """The calibrated pairs for the embedded model, in the order the search added them."""
+    if not _is_smollm2_135m(model):
+        return []
+    return [PairSpec(**p) for p in SMOLLM2_135M["order"]]
+
+
+def shipped_plans(model) -> dict:
+    """name -> MergePlan calibrated for the embedded model ({} for another model)."""
+    order = shipped_order(model)
+    if not order:
+        return {}
+    return {name: MergePlan(order[:SMOLLM2_135M[name]], num_layers=30)
+            for name in ("calibrated", "calibrated-matched") if SMOLLM2_135M[name]}

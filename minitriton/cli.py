@@ -1,0 +1,237 @@
+"""`python -m minitriton {demo,eval,calibrate}` on the embedded SmolLM2-135M model and text.
+
+    python -m minitriton demo [--out DIR]          generate with and without MiniCache, compare
+                                                   quality, write the plots (a few minutes)
+    python -m minitriton eval [--json]             the PPL / compression table (4 windows)
+    python -m minitriton calibrate [--out F.json]  choose pairs and per-pair settings
+
+The assets ship in PyPI packages (see `minitriton.assets`); a missing one is named with the
+command that installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .cache import DEFAULT_WINDOW, MergePlan
+
+
+def _load(args):
+    from .assets import load_model, load_text
+    t0 = time.perf_counter()
+    model, tok = load_model(threads=args.threads)
+    text = load_text()
+    print(f"loaded SmolLM2-135M-Instruct (float32) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    return model, tok, text
+
+
+def _configs(model, args) -> dict:
+    from .calibrate import shipped_plans
+    from .evaluate import default_configs
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    extra = shipped_plans(model)
+    if getattr(args, "plan", None):
+        extra["custom"] = MergePlan.from_json(Path(args.plan).read_text(), num_layers=L)
+    configs = default_configs(L, extra)
+    if getattr(args, "configs", None):
+        names = args.configs.split(",")
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise SystemExit(f"--configs: unknown {unknown}; known: {list(configs)}")
+        configs = {n: configs[n] for n in names}
+    return configs
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_plans, format_table
+    model, tok, text = _load(args)
+    configs = _configs(model, args)
+    t0 = time.perf_counter()
+    results = evaluate(model, tok, text, configs, n_windows=args.windows, window=args.window,
+                       progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    print(format_table(results))
+    print(f"\n{args.windows} windows x 256 tokens, W={args.window}, {elapsed:.0f}s")
+    print("per-pair settings:\n" + format_plans(results, names=[n for n in results
+                                                                 if n.startswith("calib")]
+                                                 or None))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .plots import plot_similarity, plot_tradeoff
+    model, tok, text = _load(args)
+    report = calibrate(model, tok, text, budget_pct=args.budget, n_windows=args.windows,
+                       sink=args.sink, top=args.top, window=args.window,
+                       progress=not args.no_progress, return_report=True)
+    print(report.describe())
+    print(f"calibration took {report.seconds:.0f}s")
+    print("pair  key cos  value cos  merge cost (% PPL, alone)  best setting")
+    for s, c in zip(report.similarity, report.pair_costs):
+        print(f"{s['pair'][0]:>2},{s['pair'][1]:<2} {s['key_cos']:>+8.3f} {s['value_cos']:>+9.3f}"
+              f"  {c['cost_pct']:>+10.2f}                {c['setting']}")
+    if args.out:
+        Path(args.out).write_text(report.plan.to_json())
+        print(f"wrote the budget plan to {args.out} (use: python -m minitriton eval --plan "
+              f"{args.out})")
+    if args.plots:
+        out = Path(args.plots)
+        plot_similarity(report.similarity, out / "similarity.png", costs=report.pair_costs)
+        plot_tradeoff({"calibrated (greedy)": [(c, p) for _, c, p in report.curve]},
+                      out / "calibration.png", full_ppl=report.full_ppl,
+                      budget_pct=report.budget_pct, title="Calibration: adding pairs")
+        print(f"wrote {out / 'similarity.png'} and {out / 'calibration.png'}")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
+def _generate(model, tok, prompt: str, cache, max_new_tokens: int):
+    from .hf import cache_kwargs
+    messages = [{"role": "user", "content": prompt}]
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        if not hasattr(ids, "shape"):
+            ids = ids["input_ids"]
+    except (ValueError, AttributeError, TypeError):
+        ids = tok(prompt, return_tensors="pt").input_ids
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape),
+                         max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.eos_token_id, **cache_kwargs(model, cache))
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text, time.perf_counter() - t0
+
+
+def cmd_demo(args) -> int:
+    from transformers import DynamicCache
+
+    from .calibrate import shipped_order, shipped_plans, similarity
+    from .evaluate import evaluate_plans, format_table, prefill, token_windows
+    from .hf import MiniCacheHF, use_minitriton_attention
+    from .plots import plot_similarity, plot_tradeoff
+
+    model, tok, text = _load(args)
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    shipped = shipped_plans(model)
+    plan = shipped.get("calibrated-matched") or MergePlan.paper(L)
+    name = "calibrated-matched" if "calibrated-matched" in shipped else "minicache"
+
+    # 1. generation: dense cache beside MiniCache (fused decode attention over merged pairs)
+    print(f"prompt: {args.prompt}\n")
+    dense_text, dense_s = _generate(model, tok, args.prompt, DynamicCache(), args.max_new_tokens)
+    use_minitriton_attention(model)
+    cache = MiniCacheHF(model.config, plan, window=args.window)
+    mini_text, mini_s = _generate(model, tok, args.prompt, cache, args.max_new_tokens)
+    print(f"[dense cache, {dense_s:.1f}s]\n{dense_text}\n")
+    print(f"[MiniCache {name}, {mini_s:.1f}s, {cache.get_seq_length()} tokens held at "
+          f"{cache.compression_ratio:.2f}x, {cache.fused_steps} fused decode steps]\n{mini_text}\n")
+
+    # 2. quality on the eval protocol (fewer windows by default) and the trade-off curves
+    ids = tok(text).input_ids
+    wins = token_windows(ids, args.windows)
+    pre = [prefill(model, w.prefix) for w in wins]
+    configs = {"full": MergePlan([]), "minicache": MergePlan.paper(L),
+               "minicache-proj": MergePlan.paper(L, magnitude="projection"),
+               "mean": MergePlan.paper(L, method="mean"), **shipped}
+    curves = {"minicache": {}, "minicache-proj": {}, "mean": {}}
+    for s in (L - 3, L - 7, L - 11):
+        curves["minicache"][f"minicache@{s}"] = MergePlan.paper(L, start=s)
+        curves["minicache-proj"][f"proj@{s}"] = MergePlan.paper(L, start=s,
+                                                               magnitude="projection")
+        curves["mean"][f"mean@{s}"] = MergePlan.paper(L, start=s, method="mean")
+    order = shipped_order(model)
+    curves["calibrated"] = {f"calibrated@{k}": MergePlan(order[:k], num_layers=L)
+                            for k in range(1, len(order) + 1)}
+    total = len(configs) + sum(len(c) for c in curves.values())
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total * len(wins), desc="quality", unit="window", leave=False)
+    t0 = time.perf_counter()
+    results = evaluate_plans(model, wins, configs, window=args.window, bar=bar, prefilled=pre)
+    extra = {}
+    for group in curves.values():
+        extra.update(evaluate_plans(model, wins, group, window=args.window, bar=bar,
+                                    prefilled=pre))
+    if bar is not None:
+        bar.close()
+    base = results["full"]["ppl"]
+    for r in results.values():
+        r["ppl_change_pct"] = 100 * (r["ppl"] / base - 1)
+    print(f"quality: {len(wins)} window(s) x 256 tokens ({time.perf_counter() - t0:.0f}s; "
+          f"`python -m minitriton eval` runs the full 4 windows)")
+    print(format_table(results))
+    for n in shipped:
+        print(f"{n}: " + "; ".join(shipped[n].describe()))
+
+    # 3. plots
+    out = Path(args.out)
+    sims = similarity([states for _, states in pre])
+    plot_similarity(sims, out / "similarity.png")
+    points = {}
+    for method, group in curves.items():
+        points[method] = [(extra[k]["compression"], extra[k]["ppl"]) for k in group]
+        if method in results:
+            points[method].append((results[method]["compression"], results[method]["ppl"]))
+    plot_tradeoff(points, out / "tradeoff.png", full_ppl=base, budget_pct=3.0)
+    mean_key = sum(d["key_cos"] for d in sims) / len(sims)
+    mean_val = sum(d["value_cos"] for d in sims) / len(sims)
+    print(f"\nadjacent-layer cosine similarity, mean over pairs: keys {mean_key:+.3f}, "
+          f"values {mean_val:+.3f}")
+    print(f"wrote {out / 'similarity.png'} and {out / 'tradeoff.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minitriton",
+                                description="MiniCache on the embedded SmolLM2-135M model")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"W, decoded tokens merged at once (default {DEFAULT_WINDOW})")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", parents=[common], help="PPL and compression per config")
+    e.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    e.add_argument("--windows", type=int, default=4, help="eval windows (default 4)")
+    e.add_argument("--plan", help="a plan JSON (from calibrate --out), evaluated as 'custom'")
+    e.add_argument("--configs", help="comma-separated subset, e.g. full,minicache")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("calibrate", parents=[common], help="choose pairs and per-pair settings")
+    c.add_argument("--budget", type=float, default=3.0, help="PPL budget, %% over dense (3)")
+    c.add_argument("--windows", type=int, default=2, help="calibration windows (2)")
+    c.add_argument("--sink", type=int, default=4, help="dense sink tokens per pair (4)")
+    c.add_argument("--top", type=int, default=14, help="cheapest pairs considered (14)")
+    c.add_argument("--out", help="write the budget plan as JSON")
+    c.add_argument("--plots", help="folder for similarity.png and calibration.png")
+    c.add_argument("--json", action="store_true", help="last stdout line: the report as JSON")
+    c.set_defaults(func=cmd_calibrate)
+
+    d = sub.add_parser("demo", parents=[common], help="generate, compare, plot")
+    d.add_argument("--out", default="minitriton-demo", help="plots folder (./minitriton-demo)")
+    d.add_argument("--windows", type=int, default=1, help="quality windows (1; eval uses 4)")
+    d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .assets import AssetMissing
+    try:
+        return args.func(args)
+    except AssetMissing as exc:
+        print(f"minitriton: {exc}", file=sys.stderr)
+        return 2

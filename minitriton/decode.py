@@ -1,0 +1,169 @@
+"""`decode_attention`: one decode step of attention over a MiniCache-compressed layer.
+
+Validates the arguments, then dispatches to the Triton kernels (`minitriton.kernels.decode`,
+CUDA tensors or TRITON_INTERPRET=1) or to the torch path (`minitriton.torch_decode`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_head_dim, check_same, check_tensor
+from .backend import select_backend
+from .merge import check_pair
+from .pair import MergedPair
+
+LAYERS = ("prev", "cur")
+
+
+def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: str,
+                     k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
+                     seq_lens: torch.Tensor | None = None, tail_lens: torch.Tensor | None = None,
+                     sm_scale: float | None = None, return_lse: bool = False,
+                     num_splits: int | None = None):
+    """Softmax attention of one query token per sequence over a merged layer, then a tail.
+
+    The keys/values of layer `layer` ("prev" = layer l-1, "cur" = layer l) of a merged pair are
+    used as `restore` would give them (mag * e, retained tokens as they were), but the restored
+    cache is never built: for a merged token q . k_j = mag_j (q . e_j), the value sum gathers
+    mag_j e_j, and retained tokens read their rows of the retained store. The sequence of row b
+    is its first `seq_lens[b]` merged tokens followed by the first `tail_lens[b]` tail tokens.
+
+    Args:
+        q: `[B, Hq, D]` float16/bfloat16/float32, any strides. Hq = G * H: query head i reads
+            KV head i // G (grouped-query attention; G = 1 is plain multi-head attention).
+        k, v: `MergedPair`s of the keys and of the values of one layer pair, both of shape
+            `[B, H, S, D]` and q's dtype and device. `magnitude="projection"` pairs work as is.
+        layer: "prev" or "cur", which layer of the pair to attend over.
+        k_tail, v_tail: optional uncompressed tail `[B, H, T, D]` (both or neither, same shape,
+            q's dtype and device, any strides), e.g. the tokens since the last merge.
+        seq_lens: optional int32 `[B]` on q's device, values in [0, S]; default S for all rows.
+        tail_lens: optional int32 `[B]` on q's device, values in [0, T]; default T.
+        sm_scale: softmax scale; default 1 / sqrt(D).
+        return_lse: also return the log-sum-exp of the scaled scores.
+        num_splits: Triton path only: split the token axis over this many programs per KV head
+            (1 to 1024; more splits than blocks is allowed and only wastes a little). Default: a
+            heuristic from B, H, S + T and the GPU's multiprocessor count. Ignored by the torch
+            path.
+
+    Returns:
+        o `[B, Hq, D]` in q's dtype; with return_lse, `(o, lse)` with lse float32 `[B, Hq]`, the
+        natural log of the softmax denominator of the scaled scores (to combine this attention
+        with attention over other segments). A row with no token at all (seq_len = tail_len = 0)
+        gives o = 0 and lse = -inf.
+
+    Lengths are checked against [0, S] / [0, T] when they live on the CPU. On CUDA that check
+    would need a host synchronisation, so it is not made there; instead the kernels clamp each
+    length into its range, so an out-of-range value never reads outside the cache.
+
+    CUDA graphs: the Triton path makes no host synchronisation (no .item(), no nonzero, no
+    shape that depends on data) and allocates its outputs and float32 partials before the
+    launches, so a call can be captured in a CUDA graph and replayed; the lengths are read from
+    their tensors at replay, so update `seq_lens`/`tail_lens` in place between replays. Pass
+    `num_splits` (or keep S + T fixed) to keep the launch geometry that was captured.
+
+    Example:
+        >>> k_m = minitriton.merge(k_prev, k_cur)          # [B, H, S, D] keys of layers l-1, l
+        >>> v_m = minitriton.merge(v_prev, v_cur)
+        >>> o = minitriton.decode_attention(q, k_m, v_m, layer="cur", k_tail=k_new,
+        ...                                 v_tail=v_new)  # q [B, Hq, D] -> o [B, Hq, D]
+    """
+    q, k_tail, v_tail, seq_lens, tail_lens, scale = _check_args(
+        q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
+    if select_backend(q.device) == "triton":
+        from .kernels.decode import decode_attention_triton
+        o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
+                                         scale, num_splits)
+    else:
+        from .torch_decode import decode_attention_torch
+        o, lse = decode_attention_torch(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
+                                        scale)
+    return (o, lse) if return_lse else o
+
+
+def _check_lengths(name: str, lens, B: int, limit: int, limit_name: str, device) -> None:
+    if lens is None:
+        return
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor of shape [{B}], "
+                        f"got {type(lens).__name__}")
+    if lens.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype int32, got {lens.dtype}")
+    if tuple(lens.shape) != (B,):
+        raise ValueError(f"{name}: expected shape ({B},), got {tuple(lens.shape)}")
+    if lens.device != device:
+        raise ValueError(f"{name}: device {lens.device} does not match q's {device}")
+    if lens.device.type == "cpu" and B:  # a free check on the CPU; on CUDA it would synchronise
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 0 or hi > limit:
+            raise ValueError(f"{name}: values must lie in [0, {limit_name}={limit}], got "
+                             f"min {lo}, max {hi}")
+
+
+def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse,
+                num_splits):
+    check_tensor("q", q, ndim=3)
+    check_pair("k", k)
+    check_pair("v", v)
+    if not isinstance(layer, str) or layer not in LAYERS:
+        raise ValueError(f"layer: expected one of {LAYERS}, got {layer!r}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: MergedPair shape {v.shape} does not match k's {k.shape}")
+    B, Hq, D = q.shape
+    Bk, H, S, Dk = k.shape
+    for name, m in (("k", k), ("v", v)):
+        if m.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {m.dtype} does not match q's {q.dtype}")
+        if m.device != q.device:
+            raise ValueError(f"{name}: device {m.device} does not match q's {q.device}")
+    if Bk != B:
+        raise ValueError(f"k: batch {Bk} does not match q's batch {B} (q shape {tuple(q.shape)})")
+    if Dk != D:
+        raise ValueError(f"k: head dim {Dk} does not match q's head dim {D}")
+    check_head_dim("q", D)
+    if H == 0 or Hq % H != 0:
+        raise ValueError(f"q: number of query heads Hq={Hq} is not a multiple of the number of "
+                         f"KV heads H={H}")
+
+    if (k_tail is None) != (v_tail is None):
+        given = "k_tail" if k_tail is not None else "v_tail"
+        raise ValueError(f"{given}: a tail was given for one of k/v only; pass both k_tail and "
+                         f"v_tail, or neither")
+    T = 0
+    if k_tail is not None:
+        check_tensor("k_tail", k_tail, ndim=4)
+        check_tensor("v_tail", v_tail, ndim=4)
+        check_same("v_tail", v_tail, "k_tail", k_tail)
+        check_same("k_tail", k_tail, "q", q, shape=False)
+        Bt, Ht, T, Dt = k_tail.shape
+        if (Bt, Ht, Dt) != (B, H, D):
+            raise ValueError(f"k_tail: shape {tuple(k_tail.shape)} does not match [B={B}, H={H}, "
+                             f"T, D={D}]")
+    elif tail_lens is not None:
+        raise ValueError("tail_lens: given without k_tail/v_tail")
+    _check_lengths("seq_lens", seq_lens, B, S, "S", q.device)
+    _check_lengths("tail_lens", tail_lens, B, T, "T", q.device)
+
+    if sm_scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+            raise TypeError(f"sm_scale: expected a float, got {type(sm_scale).__name__}")
+        scale = float(sm_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"sm_scale: expected a finite number, got {scale!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+            raise TypeError(f"num_splits: expected an int or None, got "
+                            f"{type(num_splits).__name__}")
+        from .kernels.decode import MAX_SPLITS
+        if not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits: expected a value in [1, {MAX_SPLITS}], "
+                             f"got {num_splits}")
+    if k_tail is not None and T == 0:
+        k_tail = v_tail = tail_lens = None  # an empty tail is no tail
+    return q, k_tail, v_tail, seq_lens, tail_lens, scale

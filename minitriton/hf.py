@@ -1,0 +1,278 @@
+"""transformers integration: a `Cache` backed by `minitriton.cache.MiniCache`, and an attention
+function that runs single-token decode steps over merged layers with `decode_attention`.
+
+    >>> from minitriton.hf import MiniCacheHF, use_minitriton_attention
+    >>> use_minitriton_attention(model)                    # optional: fused decode attention
+    >>> cache = MiniCacheHF(model.config, window=16)       # the paper's plan from L // 2
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> cache.compression_ratio
+
+Works with transformers 4.57 to 5.x. Their cache API changed between these releases, and the
+layer class below answers both forms:
+- `layer.update(k, v, cache_kwargs)` (4.57) and `layer.update(k, v, *args, **kwargs)` (5.x);
+- `get_mask_sizes(cache_position)` (4.57, a tensor) and `get_mask_sizes(query_length)` (5.x);
+- `get_max_cache_shape()` (4.57) and `get_max_length()` (5.x);
+- `crop(max_length)`: 4.57 takes the length to keep (or a negative count to remove), 5.x only
+  a negative count to remove; both are accepted (`crop(0)` keeps nothing on 4.x and is a no-op
+  on 5.x, as in each release's own caches).
+Batch edits (beam search, contrastive search) are done once per cache, not per layer, since the
+two layers of a pair share one store.
+
+Fused decode. With `use_minitriton_attention(model)`, the model's attention is "minitriton":
+scaled-dot-product attention (transformers' sdpa function), except that for a one-token query
+over a merged layer the cache hands the attention function a marker instead of restored states,
+and attention runs as `minitriton.decode_attention` over the compressed pair plus the dense sink
+and tail, never building the restored cache. Masks that hide some cached token (left padding)
+fall back to restore + sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, MiniCache
+from .decode import decode_attention
+
+ATTENTION_NAME = "minitriton"
+_TF_MAJOR = int(transformers.__version__.split(".")[0])
+_MARK = "_minitriton_decode"
+
+
+class MiniCacheLayer(CacheLayerMixin):
+    """One layer's view of a `MiniCacheHF` (the states live in the shared `MiniCache`)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, owner: "MiniCacheHF", layer_idx: int):
+        # CacheLayerMixin.__init__ would assign `keys`/`values`, which are read-only views here.
+        self._owner, self._idx = owner, layer_idx
+
+    # ---- the states ----
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return self._owner.core.get(self._idx)[0]
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return self._owner.core.get(self._idx)[1]
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._owner.core.seq_len(self._idx) > 0
+
+    @property
+    def device(self):
+        k = self.keys
+        return None if k is None else k.device
+
+    def lazy_initialization(self, key_states, value_states=None) -> None:
+        """Nothing to allocate ahead: the cache grows on the first update."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._owner._update(self._idx, key_states, value_states)
+
+    # ---- sizes ----
+    def get_seq_length(self) -> int:
+        return self._owner.core.seq_len(self._idx)
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        q_len = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+        return self.get_seq_length() + q_len, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    # ---- edits go through the cache (a pair shares one store) ----
+    def reset(self) -> None:
+        self._owner.reset()
+
+    def crop(self, n: int) -> None:
+        self._owner.crop(n)
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._owner.reorder_cache(beam_idx)
+
+
+class MiniCacheHF(Cache):
+    """A transformers `Cache` that merges the KV states of adjacent layer pairs (MiniCache).
+
+    Args:
+        config: the model's config (its text config gives the number of layers and, at run time,
+            whether the model uses the "minitriton" attention), or None with `num_layers`.
+        plan: as for `MiniCache`: None (the paper's pairs from L // 2), a `MergePlan`, a list of
+            `(l, l + 1)` / `PairSpec`, or [] for no merging.
+        num_layers, t, gamma, magnitude, sink, window: as for `MiniCache`.
+        fused_decode: use `decode_attention` for one-token steps over merged layers when the model
+            runs the "minitriton" attention (see `use_minitriton_attention`). Default True.
+
+    Use it as `model.generate(..., past_key_values=cache)` or `model(..., past_key_values=cache)`
+    (`cache=` on transformers >= 5.x, see `cache_kwargs`). The merge statistics are those of
+    `MiniCache`: `nbytes`, `dense_nbytes`, `compression_ratio`, `stats()`.
+    """
+
+    def __init__(self, config=None, plan=None, *, num_layers: Optional[int] = None,
+                 t: float = DEFAULT_T, gamma: float = DEFAULT_GAMMA, magnitude: str = "norm",
+                 sink: int = 0, window: int = DEFAULT_WINDOW, fused_decode: bool = True):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("config: expected a model config (or pass num_layers), got None")
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
+                else config
+            num_layers = int(text.num_hidden_layers)
+        self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
+                              window=window)
+        self._config = config
+        self.fused_decode = bool(fused_decode)
+        self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
+        super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
+
+    @property
+    def plan(self):
+        return self.core.plan
+
+    # ---- the update that the model's attention layers call ----
+    def _fused(self, layer_idx: int, key_states: torch.Tensor) -> bool:
+        if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
+            return False
+        if getattr(self._config, "_attn_implementation", None) != ATTENTION_NAME:
+            return False
+        return self.core.decode_parts(layer_idx) is not None
+
+    def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self._fused(layer_idx, key_states):
+            # The attention function finds the compressed pair through these empty markers.
+            self.core.append(layer_idx, key_states, value_states)
+            B, H, _, D = key_states.shape
+            k_mark = key_states.new_empty((B, H, 0, D))
+            v_mark = value_states.new_empty((B, H, 0, value_states.shape[3]))
+            setattr(k_mark, _MARK, (self, layer_idx))
+            return k_mark, v_mark
+        return self.core.update(layer_idx, key_states, value_states)
+
+    # ---- statistics ----
+    @property
+    def nbytes(self) -> int:
+        return self.core.nbytes
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.core.dense_nbytes
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.core.compression_ratio
+
+    def stats(self) -> list[dict]:
+        return self.core.stats()
+
+    # ---- edits (once for the whole cache) ----
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.core.seq_len(layer_idx) if layer_idx < self.core.num_layers else 0
+
+    def reset(self) -> None:
+        self.core.reset()
+
+    def crop(self, n: int) -> None:
+        current = self.get_seq_length()
+        if n < 0:
+            keep = current + n
+        elif n == 0 and _TF_MAJOR >= 5:
+            return
+        else:
+            keep = n
+        self.core.crop(max(min(keep, current), 0))
+
+    def _batch_size(self) -> int:
+        for i in range(self.core.num_layers):
+            k = self.core.get(i)[0]
+            if k is not None:
+                return int(k.shape[0])
+        return 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.get_seq_length() > 0:
+            self.core.select_batch(torch.as_tensor(beam_idx).long().cpu()
+                                   if not isinstance(beam_idx, torch.Tensor) else beam_idx.long())
+
+    def batch_select_indices(self, indices) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        B = self._batch_size()
+        if B:
+            self.core.select_batch(torch.arange(B).repeat_interleave(repeats))
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.x), else
+    `{"past_key_values": cache}`."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+# ---- the attention function --------------------------------------------------------------------
+def _mask_is_open(mask) -> bool:
+    """True when the mask hides no cached token from a one-token query."""
+    if mask is None:
+        return True
+    if not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
+
+
+def minitriton_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         **kwargs):
+    """transformers attention function (query `[B, Hq, q_len, D]`) returning
+    `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
+    layer, scaled-dot-product attention otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mark = getattr(key, _MARK, None)
+    if mark is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    owner, layer_idx = mark
+    if query.shape[2] == 1 and _mask_is_open(attention_mask):
+        k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
+        o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
+                             v_tail=v_extra, sm_scale=scaling)
+        owner.fused_steps += 1
+        return o.unsqueeze(1), None
+    k, v = owner.core.get(layer_idx)
+    return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def register_attention() -> None:
+    """Register "minitriton" in transformers' attention (and attention-mask) interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(ATTENTION_NAME, minitriton_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_minitriton_attention(model):
+    """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers)."""
+    register_attention()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (AttributeError, ValueError):
+        model.config._attn_implementation = ATTENTION_NAME
+    return model
+
+
+__all__ = ["MiniCacheHF", "MiniCacheLayer", "minitriton_attention", "register_attention",
+           "use_minitriton_attention", "cache_kwargs", "ATTENTION_NAME"]

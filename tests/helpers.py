@@ -1,0 +1,70 @@
+"""Input builders and the reference comparison shared by the merge tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minitriton.reference import merge_ref
+
+
+def make_pair(B, H, S, D, dtype=torch.float32, device="cpu", seed=0, corr=0.8,
+              layout="bhsd", outliers=0, scale=1.0):
+    """Two correlated layers' states `[B, H, S, D]`.
+
+    layout "bhsd": contiguous; "bshd": a `[B, S, H, D]` buffer seen as `[B, H, S, D]` (the
+    layout of many attention implementations); "sliced": every other element of D.
+    `outliers` tokens per row get an unrelated cur state (the pairs retention should keep).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = {"bhsd": (B, H, S, D), "bshd": (B, S, H, D), "sliced": (B, H, S, 2 * D)}[layout]
+    xp = torch.randn(shape, generator=g) * scale
+    noise = torch.randn(shape, generator=g) * scale
+    xc = corr * xp + (1 - corr * corr) ** 0.5 * noise
+    if outliers:
+        view = xc if layout != "bshd" else xc.transpose(1, 2)
+        idx = torch.randint(0, S, (outliers,), generator=g)
+        view[:, :, idx] = -view[:, :, idx] + torch.randn(view[:, :, idx].shape, generator=g)
+    xp, xc = xp.to(dtype).to(device), xc.to(dtype).to(device)
+    if layout == "bshd":
+        xp, xc = xp.transpose(1, 2), xc.transpose(1, 2)
+    elif layout == "sliced":
+        xp, xc = xp[..., ::2], xc[..., ::2]
+    return xp, xc
+
+
+def token_norms(x) -> np.ndarray:
+    """`[..., 1]` float64 norms, floor 1e-30, for scale-relative tolerances."""
+    n = np.linalg.norm(x.detach().double().cpu().numpy(), axis=-1, keepdims=True)
+    return np.maximum(n, 1e-30)
+
+
+def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, d_tol, assert_close,
+                                  d_range=None):
+    """Compare a MergedPair with merge_ref on every stored quantity and the restore."""
+    import minitriton
+
+    r = merge_ref(xp, xc, t, gamma, magnitude, d_range=d_range)
+    dtype = xp.dtype
+    retained = m.retained.cpu().numpy()
+    borderline = np.abs(r["d"] - r["threshold"][..., None]) <= d_tol
+    wrong = (retained != r["retained"]) & ~borderline
+    assert not wrong.any(), (f"retention differs from the reference at {int(wrong.sum())} "
+                             f"non-borderline tokens, first {np.argwhere(wrong)[:5].tolist()}")
+    assert_close(m.d_min.cpu(), r["d_min"], torch.float32, scale=d_tol / 2e-5, what="d_min")
+    assert_close(m.d_max.cpu(), r["d_max"], torch.float32, scale=d_tol / 2e-5, what="d_max")
+    assert_close(m.e.cpu(), r["e"], dtype, what="e")
+    n_p, n_c = token_norms(xp)[..., 0], token_norms(xc)[..., 0]
+    assert_close(m.mag_prev.cpu(), r["mag_prev"], dtype, scale=n_p, what="mag_prev")
+    assert_close(m.mag_cur.cpu(), r["mag_cur"], dtype, scale=n_c, what="mag_cur")
+    # Restore, with the implementation's own retention (borderline tokens may differ).
+    xp_hat, xc_hat = minitriton.restore(m)
+    keep = retained[..., None]
+    ref_p = np.where(keep, r["x_prev"], r["mag_prev"][..., None] * r["e"])
+    ref_c = np.where(keep, r["x_cur"], r["mag_cur"][..., None] * r["e"])
+    assert_close(xp_hat.cpu(), ref_p, dtype, scale=token_norms(xp), what="restore prev")
+    assert_close(xc_hat.cpu(), ref_c, dtype, scale=token_norms(xc), what="restore cur")
+    # Retained tokens come back bit-exactly, in both layers.
+    mask = m.retained
+    assert torch.equal(xp_hat[mask], xp[mask]) and torch.equal(xc_hat[mask], xc[mask])
+    return r

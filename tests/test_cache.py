@@ -1,0 +1,239 @@
+"""The framework-neutral MiniCache KV cache: no token lost, exact lengths, bytes, chunk
+boundaries and the chunk retention rule, W = 1, plans, edits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import minitriton
+from minitriton.cache import MergePlan, MiniCache, PairSpec
+from minitriton.reference import merge_ref
+
+B, H, D = 2, 2, 16
+
+
+def _states(L, S, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(B, H, S, D, generator=g, dtype=torch.float32).to(dtype) for _ in range(L)],
+            [torch.randn(B, H, S, D, generator=g, dtype=torch.float32).to(dtype) for _ in range(L)])
+
+
+def _feed(cache, ks, vs, schedule):
+    """Feed states of all layers, one forward per entry of `schedule` (token counts)."""
+    pos = 0
+    for n in schedule:
+        for layer in range(cache.num_layers):
+            cache.update(layer, ks[layer][:, :, pos:pos + n], vs[layer][:, :, pos:pos + n])
+        pos += n
+        for layer in range(cache.num_layers):
+            assert cache.seq_len(layer) == pos
+    return pos
+
+
+def _expected(spec, kp, kc, vp, vc, prompt, window, total):
+    """sink + (prompt chunk, then W-chunks merged with d_range) + tail, computed independently."""
+    s = spec.sink
+    bounds = [s, max(prompt, s)]
+    # Decoded tokens are merged in whole W-chunks once the next forward starts; the last
+    # forward's tokens (one here) always stay in the tail.
+    while bounds[-1] + window <= total - 1:
+        bounds.append(bounds[-1] + window)
+    out = {}
+    for name, a, b in (("k", kp, kc), ("v", vp, vc)):
+        m = None
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi <= lo:
+                continue
+            rng = None if m is None else (m.d_min, m.d_max)
+            new = minitriton.merge(a[:, :, lo:hi], b[:, :, lo:hi], spec.t, spec.gamma,
+                                   spec.magnitude, d_range=rng)
+            m = new if m is None else minitriton.MergedPair.cat([m, new])
+        rp, rc = minitriton.restore(m)
+        end = bounds[-1]
+        out[name] = (torch.cat([a[:, :, :s], rp, a[:, :, end:total]], 2),
+                     torch.cat([b[:, :, :s], rc, b[:, :, end:total]], 2), m)
+    return out
+
+
+@pytest.mark.parametrize("window,sink,magnitude", [(1, 0, "norm"), (4, 3, "projection"),
+                                                   (7, 0, "norm")])
+def test_no_token_lost_across_window_boundaries(window, sink, magnitude):
+    L, prompt, steps = 5, 9, 23
+    ks, vs = _states(L, prompt + steps, seed=window)
+    cache = MiniCache(L, [PairSpec(1, magnitude=magnitude, sink=sink, gamma=0.2)], window=window)
+    total = _feed(cache, ks, vs, [prompt] + [1] * steps)
+    for layer in (0, 3, 4):   # unmerged layers: exact
+        k, v = cache.get(layer)
+        assert torch.equal(k, ks[layer]) and torch.equal(v, vs[layer])
+    exp = _expected(cache.plan.pairs[0], ks[1], ks[2], vs[1], vs[2], prompt, window, total)
+    for side, layer in ((0, 1), (1, 2)):
+        k, v = cache.get(layer)
+        assert k.shape == (B, H, total, D) and v.shape == (B, H, total, D)
+        torch.testing.assert_close(k, exp["k"][side], rtol=0, atol=0)
+        torch.testing.assert_close(v, exp["v"][side], rtol=0, atol=0)
+    # the tail keeps fewer than W decoded tokens plus the current one
+    tail = total - max(prompt, sink) - (exp["k"][2].shape[2] - max(prompt - sink, 0))
+    assert 1 <= tail <= window
+
+
+def test_w1_is_per_token_merging():
+    L, prompt, steps = 2, 6, 10
+    ks, vs = _states(L, prompt + steps, seed=3)
+    cache = MiniCache(L, [(0, 1)], window=1)
+    pos = prompt
+    _feed(cache, ks, vs, [prompt])
+    for _ in range(steps):
+        for layer in range(L):
+            cache.update(layer, ks[layer][:, :, pos:pos + 1], vs[layer][:, :, pos:pos + 1])
+        pos += 1
+        mk, _ = cache.merged_pairs(0)
+        assert mk.shape[2] == pos - 1          # everything but the current token is merged
+
+
+def test_chunk_retention_rule_uses_extremes_so_far():
+    """A token of a later chunk is retained iff d > dmax - (dmax - dmin) * gamma with the
+    extremes over every token merged so far, itself included; earlier decisions stay."""
+    L, prompt, steps, gamma = 2, 8, 12, 0.3
+    ks, vs = _states(L, prompt + steps + 1, seed=5)
+    cache = MiniCache(L, [PairSpec(0, gamma=gamma)], window=1)
+    _feed(cache, ks, vs, [prompt] + [1] * (steps + 1))
+    mk, mv = cache.merged_pairs(0)
+    n = mk.shape[2]
+    for m, x in ((mk, ks), (mv, vs)):
+        d = merge_ref(x[0][:, :, :n], x[1][:, :, :n], 0.6, gamma)["d"]   # [B, H, n]
+        got = m.retained.numpy()
+        for s in range(prompt, n):
+            lo, hi = d[..., :s + 1].min(-1), d[..., :s + 1].max(-1)
+            want = d[..., s] > hi - (hi - lo) * gamma
+            # float32 kernels against the float64 oracle: skip ties at the threshold
+            near = abs(d[..., s] - (hi - (hi - lo) * gamma)) < 1e-5
+            assert ((got[..., s] == want) | near).all(), f"token {s}"
+        # the prompt chunk used its own extremes only
+        lo, hi = d[..., :prompt].min(-1, keepdims=True), d[..., :prompt].max(-1, keepdims=True)
+        want = d[..., :prompt] > hi - (hi - lo) * gamma
+        assert (got[..., :prompt] == want).all()
+
+
+def test_arrival_grouping_does_not_change_the_store():
+    """Tokens decoded one by one or in multi-token forwards give the same cache."""
+    L, total = 4, 40
+    ks, vs = _states(L, total, seed=7)
+    a = MiniCache(L, [(2, 3)], window=5, sink=2)
+    b = MiniCache(L, [(2, 3)], window=5, sink=2)
+    _feed(a, ks, vs, [10] + [1] * 29 + [1])
+    _feed(b, ks, vs, [10, 13, 3, 1, 12, 1])
+    for layer in range(L):
+        for x, y in zip(a.get(layer), b.get(layer)):
+            assert torch.equal(x, y)
+    assert a.nbytes == b.nbytes
+
+
+def test_bytes_count_everything_held():
+    L = 4
+    ks, vs = _states(L, 30, seed=1)
+    cache = MiniCache(L, [PairSpec(0, sink=2), PairSpec(2, method="mean")], window=4)
+    total = _feed(cache, ks, vs, [20] + [1] * 10)
+    mk, mv = cache.merged_pairs(0)
+    p = cache._pairs[0]
+    held = sum(x.numel() * x.element_size() for x in p.tensors())
+    assert cache.layer_nbytes(0) + cache.layer_nbytes(1) == held
+    assert held == mk.nbytes + mv.nbytes + sum(
+        x.numel() * x.element_size() for x in (*p.sink_k, *p.sink_v, *p.tail_k, *p.tail_v))
+    dense_layer = 2 * B * H * total * D * 4
+    assert all(cache.layer_dense_nbytes(i) == dense_layer for i in range(L))
+    assert cache.dense_nbytes == L * dense_layer
+    assert cache.nbytes == sum(cache.layer_nbytes(i) for i in range(L))
+    assert cache.compression_ratio == pytest.approx(cache.dense_nbytes / cache.nbytes)
+    assert 1.0 < cache.compression_ratio < 2.0
+    # the mean pair holds one average per token, and returns it for both layers
+    k2, v2 = cache.get(2)
+    k3, v3 = cache.get(3)
+    m = p_mean = cache._pairs[2]
+    n = p_mean.merged_len()
+    torch.testing.assert_close(k2[:, :, :n], (ks[2][:, :, :n] + ks[3][:, :, :n]) / 2)
+    assert torch.equal(k2[:, :, :n], k3[:, :, :n]) and m.mean_v.shape[2] == n
+    stats = cache.stats()
+    assert [s["layer"] for s in stats] == list(range(L)) and stats[1]["pair"].startswith("(0,1)")
+
+
+def test_empty_plan_is_dense():
+    L = 3
+    ks, vs = _states(L, 12, seed=2)
+    cache = MiniCache(L, [])
+    _feed(cache, ks, vs, [5, 1, 6])
+    assert cache.nbytes == cache.dense_nbytes and cache.compression_ratio == 1.0
+    assert cache.retained_fraction() is None
+    for layer in range(L):
+        assert torch.equal(cache.get(layer)[0], ks[layer])
+
+
+def test_prefill_returns_exact_states_and_keeps_no_dense_copy():
+    L = 2
+    ks, vs = _states(L, 16, seed=4)
+    cache = MiniCache(L, [(0, 1)])
+    k0, v0 = cache.update(0, ks[0], vs[0])
+    assert k0 is ks[0]                               # held until layer 1 arrives
+    assert cache.layer_nbytes(0) == 2 * ks[0].numel() * 4
+    k1, _ = cache.update(1, ks[1], vs[1])
+    assert k1 is ks[1]
+    p = cache._pairs[0]
+    assert p.pending is None and p.tail_k == [None, None]
+    assert cache.nbytes < cache.dense_nbytes
+
+
+def test_crop_and_select_batch():
+    L = 4
+    ks, vs = _states(L, 30, seed=6)
+    cache = MiniCache(L, [PairSpec(0, sink=3, gamma=0.3)], window=4)
+    _feed(cache, ks, vs, [12] + [1] * 10)
+    before = [cache.get(i) for i in range(L)]
+    idx = torch.tensor([1, 0, 1])
+    cache.select_batch(idx)
+    for i in range(L):
+        assert torch.equal(cache.get(i)[0], before[i][0][idx])
+    for n in (20, 10, 2):
+        cache.crop(n)
+        for i in range(L):
+            assert cache.seq_len(i) == n
+            assert torch.equal(cache.get(i)[1], before[i][1][idx][:, :, :n])
+
+
+def test_plans():
+    assert [s.layers for s in MergePlan.paper(30)] == [(15, 16), (17, 18), (19, 20), (21, 22),
+                                                       (23, 24), (25, 26), (27, 28)]
+    assert [s.layers for s in MergePlan.paper(7)] == [(3, 4), (5, 6)]
+    assert len(MergePlan.paper(1)) == 0
+    plan = MergePlan([PairSpec(4, t=1.0, gamma=0.2, magnitude="projection", sink=4), (0, 1)],
+                     t=0.5)
+    assert [s.prev for s in plan] == [0, 4] and plan.pairs[0].t == 0.5
+    assert MergePlan.from_json(plan.to_json()) == plan
+    assert plan.lookup(5) == (plan.pairs[1], 1) and plan.lookup(2) is None
+    with pytest.raises(ValueError, match="adjacent"):
+        MergePlan([(0, 2)])
+    with pytest.raises(ValueError, match="overlap"):
+        MergePlan([(0, 1), (1, 2)])
+    with pytest.raises(ValueError, match="out of range"):
+        MergePlan([(3, 4)], num_layers=4)
+    with pytest.raises(ValueError, match="magnitude"):
+        MergePlan([PairSpec(0, magnitude="abs")])
+    with pytest.raises(ValueError, match="gamma"):
+        MergePlan([PairSpec(0, gamma=math.nan)])
+
+
+def test_bad_updates():
+    cache = MiniCache(4, [(0, 1)], window=2)
+    k = torch.randn(1, 2, 3, D)
+    with pytest.raises(ValueError, match="layer"):
+        cache.update(4, k, k)
+    with pytest.raises(ValueError, match="v:"):
+        cache.update(2, k, k[:, :, :2])
+    with pytest.raises(ValueError, match="window"):
+        MiniCache(4, window=0)
+    cache.update(0, k, k)
+    with pytest.raises(RuntimeError, match="twice"):
+        cache.update(0, k, k)
+    with pytest.raises(ValueError, match="must match"):
+        cache.update(1, k[:, :, :2], k[:, :, :2])

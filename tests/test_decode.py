@@ -1,0 +1,278 @@
+"""decode_attention against the float64 reference (decode_attention_ref over restore_ref), on the
+Triton kernels (interpreter on a CPU) and the torch path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minitriton
+from conftest import DTYPES, assert_close
+from minitriton.decode import decode_attention
+from minitriton.pair import MergedPair, _slots_from_mask
+from minitriton.reference import decode_attention_ref, merge_ref, restore_ref
+
+DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ---- builders --------------------------------------------------------------------------------
+def states(B, H, S, D, dtype, device, seed, corr=0.7):
+    """Two correlated layers' states [B, H, S, D]."""
+    g = torch.Generator().manual_seed(seed)
+    xp = torch.randn(B, H, S, D, generator=g)
+    xc = corr * xp + (1 - corr * corr) ** 0.5 * torch.randn(B, H, S, D, generator=g)
+    return xp.to(dtype).to(device), xc.to(dtype).to(device)
+
+
+def pair_from_reference(xp, xc, t=0.6, gamma=0.3, magnitude="norm") -> MergedPair:
+    """A MergedPair holding exactly what merge_ref computes (e rounded to the dtype), so that a
+    decode failure cannot come from the merge implementation."""
+    B, H, S, D = xp.shape
+    dtype, dev = xp.dtype, xp.device
+    if S == 0:
+        z = torch.zeros(B, H, 0, device=dev)
+        return MergedPair(xp.clone(), z, z.clone(), z.to(torch.int32), xp.new_zeros(0, D),
+                          xp.new_zeros(0, D), torch.zeros(B, H, device=dev),
+                          torch.zeros(B, H, device=dev), t, gamma, magnitude)
+    r = merge_ref(xp, xc, t, gamma, magnitude)
+    ret = torch.from_numpy(r["retained"]).to(dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    return MergedPair(torch.from_numpy(r["e"]).to(dtype=dtype, device=dev),
+                      torch.from_numpy(r["mag_prev"]).to(**f32),
+                      torch.from_numpy(r["mag_cur"]).to(**f32), _slots_from_mask(ret),
+                      xp[ret], xc[ret], torch.from_numpy(r["d_min"]).to(**f32),
+                      torch.from_numpy(r["d_max"]).to(**f32), t, gamma, magnitude)
+
+
+def restored(m: MergedPair, xp, xc, layer):
+    """float64 [B, H, S, D]: restore_ref of what the pair stores (its e, mags and retention)."""
+    as64 = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
+    d = dict(e=as64(m.e), mag_prev=as64(m.mag_prev), mag_cur=as64(m.mag_cur),
+             retained=m.retained.cpu().numpy(), x_prev=as64(xp), x_cur=as64(xc))
+    return restore_ref(d)[0 if layer == "prev" else 1]
+
+
+class Case:
+    """q, k/v pairs (and their sources), tails: everything one decode call needs."""
+
+    def __init__(self, B, H, G, S, T, D, dtype, device, seed=0, magnitude="norm", gamma=0.3,
+                 corr=0.7):
+        g = torch.Generator().manual_seed(seed + 1000)
+        self.kp, self.kc = states(B, H, S, D, dtype, device, seed, corr)
+        self.vp, self.vc = states(B, H, S, D, dtype, device, seed + 1, corr)
+        self.k = pair_from_reference(self.kp, self.kc, magnitude=magnitude, gamma=gamma)
+        self.v = pair_from_reference(self.vp, self.vc, magnitude=magnitude, gamma=gamma)
+        self.q = torch.randn(B, H * G, D, generator=g).to(dtype).to(device)
+        self.k_tail = torch.randn(B, H, T, D, generator=g).to(dtype).to(device)
+        self.v_tail = torch.randn(B, H, T, D, generator=g).to(dtype).to(device)
+        self.dtype = dtype
+
+    def run(self, layer, tail=True, **kw):
+        if tail:
+            kw.setdefault("k_tail", self.k_tail)
+            kw.setdefault("v_tail", self.v_tail)
+        return decode_attention(self.q, self.k, self.v, layer=layer, return_lse=True, **kw)
+
+    def check(self, layer, tail=True, **kw):
+        o, lse = self.run(layer, tail, **kw)
+        kw.pop("num_splits", None)
+        kt, vt = (kw.pop("k_tail", self.k_tail), kw.pop("v_tail", self.v_tail)) if tail \
+            else (None, None)
+        o_ref, lse_ref = decode_attention_ref(
+            self.q, restored(self.k, self.kp, self.kc, layer),
+            restored(self.v, self.vp, self.vc, layer), kt, vt, **kw)
+        check_output(o, lse, o_ref, lse_ref, self.q, self.dtype)
+        return o, lse
+
+
+def check_output(o, lse, o_ref, lse_ref, q, dtype):
+    assert o.shape == q.shape and o.dtype == q.dtype and o.device == q.device
+    assert lse.shape == q.shape[:2] and lse.dtype == torch.float32
+    # o is a convex combination of value rows: compare each row relative to its largest entry.
+    scale = np.abs(o_ref).max(axis=-1, keepdims=True)
+    assert_close(o.cpu(), o_ref, dtype, scale=scale, what="o")
+    lse = lse.cpu().double().numpy()
+    empty = np.isneginf(lse_ref)
+    assert np.array_equal(np.isneginf(lse), empty), "lse = -inf exactly for the empty rows"
+    assert_close(lse[~empty], lse_ref[~empty], torch.float32, scale=1 + np.abs(lse_ref[~empty]),
+                 what="lse")
+
+
+def i32(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+# ---- against the reference -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_matches_reference(backend, device, dtype):
+    c = Case(B=3, H=2, G=3, S=37, T=5, D=80, dtype=dtype, device=device)
+    assert 0 < c.k.num_retained < c.k.e.shape[0] * 2 * 37  # merged and retained tokens both
+    for layer in ("prev", "cur"):
+        c.check(layer, seq_lens=i32([37, 1, 20], device), tail_lens=i32([5, 0, 3], device))
+    c.check("cur", tail=False)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 7, 18])
+def test_group_sizes(backend, device, G):
+    """GQA: every query head of a KV head, also beyond one program's 16 rows (G = 18)."""
+    c = Case(B=1, H=2, G=G, S=23, T=3, D=64, dtype=torch.float32, device=device, seed=G)
+    c.check("cur")
+
+
+@pytest.mark.parametrize("S,D", [(1, 64), (31, 80), (300, 128)])
+def test_lengths_and_head_dims(backend, device, S, D):
+    c = Case(B=1, H=1, G=2, S=S, T=2, D=D, dtype=torch.float16, device=device, seed=S)
+    c.check("prev")
+
+
+def test_ragged_edges(backend, device):
+    """seq_len 0 with a tail, seq_len 1, tail 0, and a row with nothing at all (o = 0)."""
+    c = Case(B=5, H=2, G=2, S=19, T=4, D=32, dtype=torch.float32, device=device)
+    o, lse = c.check("cur", seq_lens=i32([0, 1, 19, 0, 7], device),
+                     tail_lens=i32([4, 0, 0, 0, 1], device))
+    assert torch.equal(o[3], torch.zeros_like(o[3])) and torch.isneginf(lse[3]).all()
+    c.check("prev", tail=False, seq_lens=i32([0, 1, 19, 3, 7], device))
+    # An empty tail tensor is no tail.
+    empty = c.k_tail[:, :, :0]
+    c.check("cur", k_tail=empty, v_tail=empty, tail_lens=i32([0] * 5, device))
+
+
+def test_empty_cache(backend, device):
+    """S = 0: only the tail counts; and with no tail either, every row gives o = 0."""
+    c = Case(B=2, H=1, G=2, S=0, T=6, D=16, dtype=torch.float32, device=device)
+    c.check("prev")
+    o, lse = c.check("prev", tail=False)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+
+
+def test_projection_magnitudes(backend, device):
+    """magnitude="projection" stores signed coefficients: used as they are."""
+    c = Case(B=2, H=2, G=2, S=29, T=3, D=48, dtype=torch.float32, device=device,
+             magnitude="projection", gamma=0.1, corr=-0.95)
+    assert (c.k.mag_prev < 0).any() and (c.v.mag_prev < 0).any()
+    c.check("prev")
+    c.check("cur")
+
+
+def test_sm_scale(backend, device):
+    c = Case(B=1, H=2, G=2, S=17, T=2, D=64, dtype=torch.float32, device=device)
+    c.check("cur", sm_scale=0.37)
+    c.check("cur", sm_scale=-0.1)
+
+
+def test_strided_inputs(backend, device):
+    """q, tails and the pair's e with non-contiguous strides give the same result."""
+    c = Case(B=2, H=2, G=2, S=21, T=4, D=32, dtype=torch.float32, device=device)
+    o_ref = c.run("cur")[0]
+    q_wide = torch.zeros(2, 4, 2 * 32, device=device)
+    q_wide[..., ::2] = c.q
+    kt = c.k_tail.transpose(1, 2).contiguous().transpose(1, 2)  # a [B, T, H, D] buffer
+    vt = torch.zeros(2, 2, 8, 32, device=device)[:, :, 2:6]
+    vt.copy_(c.v_tail)
+    e = c.k.e.transpose(1, 2).contiguous().transpose(1, 2)
+    k = MergedPair(e, *c.k.tensors()[1:], c.k.t, c.k.gamma, c.k.magnitude)
+    assert not (q_wide[..., ::2].is_contiguous() or kt.is_contiguous() or vt.is_contiguous()
+                or e.is_contiguous())
+    o = decode_attention(q_wide[..., ::2], k, c.v, layer="cur", k_tail=kt, v_tail=vt)
+    assert_close(o, o_ref, torch.float32, what="strided vs contiguous")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 23, 40])
+def test_num_splits(device, monkeypatch, num_splits):
+    """Any number of splits gives the same result, also more splits than blocks, and more
+    non-empty splits than the reduce kernel combines in one step (16)."""
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    c = Case(B=2, H=1, G=3, S=330, T=6, D=64, dtype=torch.bfloat16, device=device)
+    # A dominant key in the last split: the reduce must rescale what it combined before.
+    c.k_tail[0, 0, 0] = 2 * c.q[0, 0]
+    c.check("prev", num_splits=num_splits, seq_lens=i32([330, 2], device),
+            tail_lens=i32([6, 1], device))
+
+
+def test_poisoned_buffers_are_fully_written(device, monkeypatch):
+    """Given NaN-filled outputs and partials, the kernels write every element they own."""
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    from minitriton.kernels.decode import decode_attention_triton
+    c = Case(B=3, H=2, G=3, S=20, T=5, D=40, dtype=torch.float16, device=device)
+    B, Hq, D = c.q.shape
+    splits = 6  # more splits than the 2 blocks of a row: most partials are empty
+    out = torch.full((B, Hq, D), float("nan"), dtype=c.q.dtype, device=device)
+    lse = torch.full((B, Hq), float("nan"), device=device)
+    ws = torch.full((B, Hq, splits, D + 2), float("nan"), device=device)
+    seq_lens, tail_lens = i32([20, 0, 3], device), i32([5, 0, 2], device)
+    decode_attention_triton(c.q, c.k, c.v, "cur", c.k_tail, c.v_tail, seq_lens, tail_lens,
+                            D ** -0.5, splits, out=out, lse=lse, workspace=ws)
+    assert not torch.isnan(ws).any() and not torch.isnan(out).any()
+    assert not torch.isnan(lse).any() and torch.isneginf(lse[1]).all()
+    o_ref, lse_ref = decode_attention_ref(
+        c.q, restored(c.k, c.kp, c.kc, "cur"), restored(c.v, c.vp, c.vc, "cur"),
+        c.k_tail, c.v_tail, seq_lens, tail_lens)
+    check_output(out, lse, o_ref, lse_ref, c.q, c.dtype)
+
+
+def test_with_merge_and_restore(backend, device):
+    """End to end: minitriton.merge, then decode equals attention over minitriton.restore."""
+    kp, kc = states(2, 2, 33, 64, torch.float32, device, seed=5)
+    vp, vc = states(2, 2, 33, 64, torch.float32, device, seed=6)
+    k, v = minitriton.merge(kp, kc, gamma=0.2), minitriton.merge(vp, vc, gamma=0.2)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(7)).to(device)
+    for layer, i in (("prev", 0), ("cur", 1)):
+        o = decode_attention(q, k, v, layer=layer)
+        o_ref, _ = decode_attention_ref(q, minitriton.restore(k)[i], minitriton.restore(v)[i])
+        assert_close(o, o_ref, torch.float32, scale=np.abs(o_ref).max(-1, keepdims=True),
+                     what=f"decode vs restore, layer {layer}")
+
+
+@given(B=st.integers(1, 3), H=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3, 4, 7]),
+       S=st.sampled_from([0, 1, 2, 13, 40]), T=st.sampled_from([0, 1, 5]),
+       D=st.sampled_from([16, 48, 80]), dtype=st.sampled_from(DTYPES),
+       layer=st.sampled_from(["prev", "cur"]), ragged=st.booleans(),
+       num_splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_matches_reference_drawn(backend, device, B, H, G, S, T, D, dtype, layer, ragged,
+                                 num_splits, seed):
+    c = Case(B, H, G, S, T, D, dtype, device, seed=seed)
+    kw = dict(num_splits=num_splits)
+    if ragged:
+        g = torch.Generator().manual_seed(seed)
+        kw["seq_lens"] = torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32).to(device)
+        if T:
+            kw["tail_lens"] = torch.randint(0, T + 1, (B,), generator=g,
+                                            dtype=torch.int32).to(device)
+    c.check(layer, tail=T > 0, **kw)
+
+
+# ---- split heuristic -------------------------------------------------------------------------
+def test_split_heuristic():
+    from minitriton.kernels.decode import MAX_SPLITS, choose_num_splits
+    # Batch 1 at long context spreads over the GPU; a large batch is not split.
+    assert choose_num_splits(8, 32768, 32, 132) >= 32
+    assert choose_num_splits(64 * 8, 32768, 32, 132) == 1
+    assert choose_num_splits(8, 1, 32, 132) == 1 and choose_num_splits(8, 0, 32, 132) == 1
+    for programs in (1, 3, 8, 100, 1000):
+        for length in (1, 100, 4096, 10 ** 6):
+            n = choose_num_splits(programs, length, 32, 132)
+            assert 1 <= n <= MAX_SPLITS and n <= max(1, -(-length // 256))
+
+
+# ---- CUDA graphs -----------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    c = Case(B=2, H=2, G=4, S=300, T=16, D=128, dtype=torch.bfloat16, device="cuda")
+    seq_lens, tail_lens = i32([300, 120], "cuda"), i32([16, 3], "cuda")
+    kw = dict(k_tail=c.k_tail, v_tail=c.v_tail, seq_lens=seq_lens, tail_lens=tail_lens)
+    decode_attention(c.q, c.k, c.v, layer="cur", **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = decode_attention(c.q, c.k, c.v, layer="cur", **kw)
+    for lens in ([300, 120], [17, 0], [0, 299]):
+        seq_lens.copy_(i32(lens, "cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(o, decode_attention(c.q, c.k, c.v, layer="cur", **kw))

@@ -1,0 +1,123 @@
+"""decode_attention rejects bad input with a TypeError or ValueError that names the argument,
+before any kernel runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from minitriton.decode import decode_attention
+from minitriton.pair import MergedPair, _slots_from_mask
+
+B, H, G, S, T, D = 2, 2, 2, 9, 3, 32
+
+
+def pair(B=B, H=H, S=S, D=D, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(B, H, S, D, generator=g), dim=-1).to(dtype)
+    retained = torch.zeros(B, H, S, dtype=torch.bool)
+    retained[:, :, 0] = True
+    n = int(retained.sum())
+    return MergedPair(e, torch.ones(B, H, S), torch.ones(B, H, S), _slots_from_mask(retained),
+                      torch.randn(n, D, generator=g).to(dtype),
+                      torch.randn(n, D, generator=g).to(dtype), torch.zeros(B, H),
+                      torch.ones(B, H), 0.6, 0.05)
+
+
+def args(**over):
+    a = dict(q=torch.randn(B, H * G, D), k=pair(), v=pair(), layer="cur",
+             k_tail=torch.randn(B, H, T, D), v_tail=torch.randn(B, H, T, D),
+             seq_lens=torch.full((B,), S, dtype=torch.int32),
+             tail_lens=torch.full((B,), T, dtype=torch.int32))
+    a.update(over)
+    return a
+
+
+def call(a):
+    q, k, v = a.pop("q"), a.pop("k"), a.pop("v")
+    return decode_attention(q, k, v, **a)
+
+
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def _backend(request, monkeypatch):
+    monkeypatch.setenv("MINITRITON_BACKEND", request.param)
+
+
+def test_valid_arguments_run():
+    o = call(args())
+    assert o.shape == (B, H * G, D)
+
+
+CASES = {
+    # name: (overrides, exception, text the message must contain)
+    "layer": (dict(layer="next"), ValueError, "layer"),
+    "layer_type": (dict(layer=1), ValueError, "layer"),
+    "k_not_pair": (dict(k=torch.randn(B, H, S, D)), TypeError, "k:"),
+    "v_not_pair": (dict(v=(1, 2)), TypeError, "v:"),
+    "q_not_tensor": (dict(q=[1.0]), TypeError, "q:"),
+    "q_rank": (dict(q=torch.randn(B, H * G, 1, D)), ValueError, "q:"),
+    "q_dtype": (dict(q=torch.randn(B, H * G, D, dtype=torch.float64)), TypeError, "q:"),
+    "q_int": (dict(q=torch.ones(B, H * G, D, dtype=torch.int32)), TypeError, "q:"),
+    "heads": (dict(q=torch.randn(B, 3, D)), ValueError, "Hq=3"),
+    "head_dim": (dict(q=torch.randn(B, H * G, D + 1)), ValueError, "head dim"),
+    "batch": (dict(q=torch.randn(B + 1, H * G, D)), ValueError, "batch"),
+    "kv_shapes": (dict(v=pair(S=S + 1)), ValueError, "v:"),
+    "kv_head_dim": (dict(v=pair(D=D * 2)), ValueError, "v:"),
+    "k_dtype": (dict(k=pair(dtype=torch.float16), v=pair(dtype=torch.float16)), TypeError,
+                "k:"),
+    "v_dtype": (dict(v=pair(dtype=torch.bfloat16)), TypeError, "v:"),
+    "pair_inconsistent": (dict(k=replace(pair(), mag_cur=torch.ones(B, H, S + 1))), ValueError,
+                          "mag_cur"),
+    "tail_k_only": (dict(v_tail=None), ValueError, "k_tail"),
+    "tail_v_only": (dict(k_tail=None), ValueError, "v_tail"),
+    "tail_shapes": (dict(v_tail=torch.randn(B, H, T + 1, D)), ValueError, "v_tail"),
+    "tail_heads": (dict(k_tail=torch.randn(B, H + 1, T, D), v_tail=torch.randn(B, H + 1, T, D)),
+                   ValueError, "k_tail"),
+    "tail_rank": (dict(k_tail=torch.randn(B, H, D), v_tail=torch.randn(B, H, D)), ValueError,
+                  "k_tail"),
+    "tail_dtype": (dict(k_tail=torch.randn(B, H, T, D).half(),
+                        v_tail=torch.randn(B, H, T, D).half()), TypeError, "k_tail"),
+    "tail_v_dtype": (dict(v_tail=torch.randn(B, H, T, D).half()), TypeError, "v_tail"),
+    "tail_device": (dict(k_tail=torch.randn(B, H, T, D, device="meta"),
+                         v_tail=torch.randn(B, H, T, D, device="meta")), ValueError, "k_tail"),
+    "seq_lens_high": (dict(seq_lens=torch.tensor([S, S + 1], dtype=torch.int32)), ValueError,
+                      "seq_lens"),
+    "seq_lens_negative": (dict(seq_lens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
+                          "seq_lens"),
+    "seq_lens_dtype": (dict(seq_lens=torch.tensor([S, S])), TypeError, "seq_lens"),
+    "seq_lens_shape": (dict(seq_lens=torch.tensor([S], dtype=torch.int32)), ValueError,
+                       "seq_lens"),
+    "seq_lens_list": (dict(seq_lens=[S, S]), TypeError, "seq_lens"),
+    "seq_lens_device": (dict(seq_lens=torch.full((B,), S, dtype=torch.int32, device="meta")),
+                        ValueError, "seq_lens"),
+    "tail_lens_high": (dict(tail_lens=torch.tensor([T + 1, 0], dtype=torch.int32)), ValueError,
+                       "tail_lens"),
+    "tail_lens_negative": (dict(tail_lens=torch.tensor([0, -2], dtype=torch.int32)),
+                           ValueError, "tail_lens"),
+    "tail_lens_dtype": (dict(tail_lens=torch.tensor([1.0, 1.0])), TypeError, "tail_lens"),
+    "tail_lens_without_tail": (dict(k_tail=None, v_tail=None), ValueError, "tail_lens"),
+    "sm_scale_type": (dict(sm_scale="0.1"), TypeError, "sm_scale"),
+    "sm_scale_nan": (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
+    "return_lse": (dict(return_lse=1), TypeError, "return_lse"),
+    "num_splits_zero": (dict(num_splits=0), ValueError, "num_splits"),
+    "num_splits_huge": (dict(num_splits=10 ** 6), ValueError, "num_splits"),
+    "num_splits_float": (dict(num_splits=2.0), TypeError, "num_splits"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_raises(name):
+    over, exc, text = CASES[name]
+    a = args(**over)
+    with pytest.raises(exc, match=None) as info:
+        call(a)
+    assert text in str(info.value), f"{name}: {info.value!s} does not mention {text!r}"
+
+
+def test_device_mismatch_of_pair():
+    k = pair()
+    k_meta = MergedPair(*(x.to("meta") for x in k.tensors()), k.t, k.gamma, k.magnitude)
+    with pytest.raises(ValueError, match="k: device"):
+        call(args(k=k_meta))

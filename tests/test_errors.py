@@ -1,0 +1,131 @@
+"""Bad input: every public op raises TypeError / ValueError naming the argument, before any
+kernel runs, and writes nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import minitriton
+from helpers import make_pair
+
+
+@pytest.fixture
+def pair(device):
+    return make_pair(1, 2, 5, 32, torch.float32, device)
+
+
+def _raises(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_rank(backend, pair):
+    xp, xc = pair
+    _raises(ValueError, r"x_prev: expected a 4-d tensor, got shape \(2, 5, 32\)",
+            minitriton.merge, xp[0], xc[0])
+    _raises(ValueError, "x_cur: expected a 4-d", minitriton.merge, xp, xc[None])
+
+
+def test_shape_mismatch(backend, pair):
+    xp, xc = pair
+    _raises(ValueError, r"x_cur: shape \(1, 2, 4, 32\) does not match x_prev's",
+            minitriton.merge, xp, xc[:, :, :4])
+
+
+def test_dtype_mismatch(backend, pair):
+    xp, xc = pair
+    _raises(TypeError, "x_cur: dtype torch.float16 does not match x_prev's torch.float32",
+            minitriton.merge, xp, xc.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int8, torch.bool])
+def test_unsupported_dtype(backend, pair, dtype):
+    xp, xc = pair
+    _raises(TypeError, f"x_prev: dtype {dtype} is not supported", minitriton.merge,
+            xp.to(dtype), xc.to(dtype))
+
+
+def test_device_mismatch(backend, pair):
+    xp, xc = pair
+    _raises(ValueError, "x_cur: device meta does not match x_prev's", minitriton.merge,
+            xp, xc.to("meta"))
+
+
+@pytest.mark.parametrize("D", [8, 15, 257, 512])
+def test_head_dim_out_of_range(backend, device, D):
+    xp, xc = make_pair(1, 1, 3, D, torch.float32, device)
+    _raises(ValueError, f"x_prev: head dim D={D}", minitriton.merge, xp, xc)
+
+
+@pytest.mark.parametrize("name", ["t", "gamma"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, math.inf])
+def test_t_gamma_range(backend, pair, name, value):
+    xp, xc = pair
+    _raises(ValueError, f"{name}: expected a value in \\[0, 1\\], got", minitriton.merge,
+            xp, xc, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["t", "gamma"])
+@pytest.mark.parametrize("value", ["0.5", None, True, [0.5]])
+def test_t_gamma_type(backend, pair, name, value):
+    xp, xc = pair
+    _raises(TypeError, f"{name}: expected", minitriton.merge, xp, xc, **{name: value})
+
+
+def test_magnitude_mode(backend, pair):
+    xp, xc = pair
+    _raises(ValueError, "magnitude: expected one of .* got 'cosine'", minitriton.merge,
+            xp, xc, magnitude="cosine")
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0]], "x"])
+def test_non_tensors(backend, pair, bad):
+    xp, _ = pair
+    _raises(TypeError, "x_cur: expected a torch.Tensor", minitriton.merge, xp, bad)
+    _raises(TypeError, "x_prev: expected a torch.Tensor", minitriton.merge, bad, xp)
+
+
+def test_d_range(backend, pair):
+    xp, xc = pair
+    _raises(TypeError, "d_range: expected a", minitriton.merge, xp, xc, d_range=torch.zeros(1, 2))
+    _raises(ValueError, r"d_range\[0\]: expected shape \(1, 2\)", minitriton.merge, xp, xc,
+            d_range=(torch.zeros(2, 2), torch.zeros(1, 2)))
+    _raises(TypeError, r"d_range\[1\]: dtype", minitriton.merge, xp, xc,
+            d_range=(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("bad", [None, (1, 2), {"e": 1}])
+def test_restore_of_non_pair(backend, bad):
+    _raises(TypeError, "m: expected a MergedPair", minitriton.restore, bad)
+
+
+def test_restore_of_inconsistent_pair(backend, pair):
+    import dataclasses
+    m = minitriton.merge(*pair)
+    broken = dataclasses.replace(m, mag_prev=m.mag_prev[:, :, :3])
+    _raises(ValueError, r"m.mag_prev: shape \(1, 2, 3\) does not match", minitriton.restore,
+            broken)
+
+
+def test_backend_variable(monkeypatch, pair):
+    monkeypatch.setenv("MINITRITON_BACKEND", "cuda")
+    _raises(ValueError, "MINITRITON_BACKEND: expected one of", minitriton.merge, *pair)
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch, pair):
+    if pair[0].device.type != "cpu":
+        pytest.skip("the interpreter requirement applies to CPU tensors")
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _raises(ValueError, "TRITON_INTERPRET=1", minitriton.merge, *pair)
+
+
+def test_nothing_written_on_error(backend, pair):
+    xp, xc = pair
+    before = xp.clone()
+    with pytest.raises(ValueError):
+        minitriton.merge(xp, xc, t=2.0)
+    assert torch.equal(xp, before)

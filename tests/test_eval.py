@@ -1,0 +1,109 @@
+"""The eval protocol and the calibration search, on a tiny randomly initialised Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from minitriton.cache import MergePlan  # noqa: E402
+from minitriton.calibrate import calibrate, similarity  # noqa: E402
+from minitriton.cli import build_parser  # noqa: E402
+from minitriton.evaluate import (default_configs, evaluate, format_table,  # noqa: E402
+                                 score_window, token_windows)
+from minitriton.hf import MiniCacheHF, cache_kwargs  # noqa: E402
+
+L = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    yield LlamaForCausalLM(cfg).eval()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (5000,), generator=g).tolist()
+
+
+def test_token_windows(ids):
+    wins = token_windows(ids, 4)
+    assert [w.prefix.shape for w in wins] == [(1, 512)] * 4
+    assert wins[1].prefix[0, 0].item() == ids[768]
+    assert wins[3].continuation[0].tolist() == ids[768 * 3 + 512:768 * 3 + 768]
+    with pytest.raises(ValueError, match="n_windows"):
+        token_windows(ids[:1000], 2)
+
+
+def test_replayed_prefill_equals_prefilling_through_the_cache(model, ids):
+    """One prefill per window serves every config: identical NLL and bytes."""
+    win = token_windows(ids, 1)[0]
+    plan = MergePlan.paper(L, magnitude="projection", sink=2)
+    cache = MiniCacheHF(model.config, plan, window=8)
+    with torch.no_grad():
+        first = model(input_ids=win.prefix, **cache_kwargs(model, cache)).logits[0, -1:]
+        nbytes = cache.nbytes
+        rest = model(input_ids=win.continuation[:, :-1], **cache_kwargs(model, cache)).logits[0]
+    nll = float(torch.nn.functional.cross_entropy(torch.cat([first, rest]),
+                                                  win.continuation[0], reduction="sum"))
+    r = score_window(model, win, plan, window=8)
+    assert r["nll"] == pytest.approx(nll, rel=1e-6) and r["nbytes"] == nbytes
+    assert r["tokens"] == 256 and r["dense_nbytes"] > nbytes
+
+
+def test_evaluate_is_deterministic_and_reports_every_config(model, ids):
+    configs = default_configs(L)
+    assert list(configs) == ["full", "minicache", "minicache-proj", "mean"]
+    a = evaluate(model, None, "", configs, n_windows=2, ids=ids, progress=False)
+    b = evaluate(model, None, "", configs, n_windows=2, ids=ids, progress=False)
+    for name in configs:
+        assert a[name]["ppl"] == b[name]["ppl"] and a[name]["nbytes"] == b[name]["nbytes"]
+    assert a["full"]["compression"] == 1.0 and a["full"]["ppl_change_pct"] == 0.0
+    assert a["minicache"]["compression"] > 1.0 and a["mean"]["compression"] > 1.0
+    assert a["minicache"]["pairs"] == ["(2,3) slerp t=0.60 gamma=0.05 norm sink=0"]
+    table = format_table(a)
+    assert all(name in table for name in configs)
+    json.loads(json.dumps(a))            # what `eval --json` prints
+
+
+def test_calibrate_returns_a_plan_within_budget(model, ids):
+    report = calibrate(model, None, ids=ids, start=512, n_windows=1, top=3, budget_pct=50.0,
+                       progress=False, return_report=True)
+    assert isinstance(report.plan, MergePlan)
+    assert len(report.pair_costs) == L - 1 and len(report.similarity) == L - 1
+    assert all(-1.0 <= s["key_cos"] <= 1.0 for s in report.similarity)
+    n, compression, ppl = report.curve[len(report.plan)]
+    assert n == len(report.plan) and ppl <= report.full_ppl * 1.5
+    for spec in report.plan:
+        assert spec.sink == 4 and spec.method == "slerp"
+    assert math.isfinite(report.seconds)
+    json.loads(json.dumps(report.to_dict()))
+
+
+def test_similarity_of_identical_layers_is_one():
+    k = torch.randn(1, 2, 5, 16)
+    sims = similarity([[(k, k), (2 * k, k), (-k, k)]])
+    assert sims[0]["key_cos"] == pytest.approx(1.0) and sims[0]["key_dist"] < 1e-3
+    assert sims[1]["key_cos"] == pytest.approx(-1.0) and sims[1]["value_cos"] == pytest.approx(1)
+
+
+def test_cli_parser():
+    args = build_parser().parse_args(["eval", "--json", "--windows", "2"])
+    assert args.json and args.windows == 2 and args.func.__name__ == "cmd_eval"
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "minitriton-demo"

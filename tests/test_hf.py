@@ -1,0 +1,122 @@
+"""transformers integration on a tiny randomly initialised Llama (fast; no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from minitriton.cache import PairSpec  # noqa: E402
+from minitriton.hf import (ATTENTION_NAME, MiniCacheHF, cache_kwargs,  # noqa: E402
+                           use_minitriton_attention)
+
+L = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A tiny model runs fastest on one thread (and does not fight other processes for cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    yield LlamaForCausalLM(cfg).eval()
+    torch.set_num_threads(threads)
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 96, (1, n), generator=g)
+
+
+def _generate(model, ids, cache, n=16):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, **cache_kwargs(model, cache))
+
+
+def test_empty_plan_reproduces_dynamic_cache(model):
+    ids = _ids(20)
+    want = _generate(model, ids, DynamicCache())
+    cache = MiniCacheHF(model.config, [])
+    got = _generate(model, ids, cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 20 + 16 - 1 and cache.compression_ratio == 1.0
+
+
+def test_generate_with_a_plan(model):
+    ids = _ids(24, seed=1)
+    cache = MiniCacheHF(model.config, window=4)          # the paper's pairs (3,4)
+    out = _generate(model, ids, cache, n=20)
+    assert out.shape == (1, 44)
+    assert [s.layers for s in cache.plan] == [(3, 4)]
+    for layer in range(L):
+        assert cache.get_seq_length(layer) == 43
+        assert cache.layers[layer].keys.shape == (1, 2, 43, 16)
+    assert 1.0 < cache.compression_ratio < 2.0
+    mk, _ = cache.core.merged_pairs(3)
+    assert mk.shape[2] >= 24 + 12                         # prompt + whole W-chunks merged
+
+
+def test_prefill_logits_do_not_depend_on_the_plan(model):
+    ids = _ids(30, seed=2)
+    with torch.no_grad():
+        dense = model(input_ids=ids, **cache_kwargs(model, DynamicCache())).logits
+        merged = model(input_ids=ids, **cache_kwargs(model, MiniCacheHF(model.config))).logits
+    assert torch.equal(dense, merged)
+
+
+def test_fused_decode_matches_restore(model):
+    """One-token steps over merged layers run decode_attention and agree with restore + sdpa."""
+    ids = _ids(25, seed=3)
+    plan = [PairSpec(1, gamma=0.2, sink=2), PairSpec(3, magnitude="projection")]
+    plain = MiniCacheHF(model.config, plan, window=3)
+    fused = MiniCacheHF(model.config, plan, window=3)
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model, plain))
+        cfg = model.config._attn_implementation
+        use_minitriton_attention(model)
+        try:
+            assert model.config._attn_implementation == ATTENTION_NAME
+            model(input_ids=ids, **cache_kwargs(model, fused))
+            for step in range(5):
+                tok = _ids(1, seed=10 + step)
+                model.set_attn_implementation(cfg)
+                a = model(input_ids=tok, **cache_kwargs(model, plain)).logits
+                use_minitriton_attention(model)
+                b = model(input_ids=tok, **cache_kwargs(model, fused)).logits
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        finally:
+            model.set_attn_implementation(cfg)
+    assert fused.fused_steps == 5 * 4 and plain.fused_steps == 0
+    for layer in range(L):
+        for x, y in zip(fused.core.get(layer), plain.core.get(layer)):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_crop_and_batch_edits(model):
+    ids = torch.cat([_ids(12, seed=4), _ids(12, seed=5)])
+    cache = MiniCacheHF(model.config, window=2)
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model, cache))
+        for step in range(4):
+            model(input_ids=ids[:, step:step + 1], **cache_kwargs(model, cache))
+    before = cache.core.get(3)[0]
+    cache.crop(-2)                                       # remove 2 tokens (both releases)
+    assert cache.get_seq_length() == 14
+    cache.crop(13)                                       # keep 13 (4.x form)
+    assert cache.get_seq_length() == 13
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.core.get(3)[0], before[:, :, :13].repeat_interleave(2, dim=0))
+    cache.reorder_cache(torch.tensor([3, 0]))
+    assert torch.equal(cache.core.get(3)[0], before[[1, 0]][:, :, :13])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0

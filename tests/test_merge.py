@@ -1,0 +1,255 @@
+"""merge / restore against the numpy reference, and the properties of SPEC.md, on the Triton
+kernels (interpreter on a CPU) and the torch path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minitriton
+from conftest import D_TOL, DTYPES, assert_close
+from helpers import check_merge_against_reference, make_pair, token_norms
+
+DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ---- against the reference -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "sliced"])
+def test_matches_reference(backend, device, dtype, magnitude, layout):
+    xp, xc = make_pair(2, 3, 37, 80, dtype, device, layout=layout, outliers=3)
+    m = minitriton.merge(xp, xc, t=0.6, gamma=0.1, magnitude=magnitude)
+    assert m.magnitude == magnitude and m.shape == (2, 3, 37, 80) and m.dtype == dtype
+    assert m.num_retained > 0
+    check_merge_against_reference(m, xp, xc, 0.6, 0.1, magnitude, D_TOL, assert_close)
+
+
+@given(B=st.sampled_from([1, 2]), H=st.sampled_from([1, 3]), S=st.sampled_from([1, 2, 7, 31]),
+       D=st.sampled_from([16, 80, 96, 128]), dtype=st.sampled_from(DTYPES),
+       t=st.sampled_from([0.0, 0.25, 0.6, 1.0]) | st.floats(0, 1),
+       gamma=st.sampled_from([0.0, 0.05, 1.0]) | st.floats(0, 1),
+       magnitude=st.sampled_from(["norm", "projection"]),
+       layout=st.sampled_from(["bhsd", "bshd", "sliced"]),
+       corr=st.sampled_from([0.0, 0.5, 0.95, -0.7]), seed=st.integers(0, 2**16))
+def test_matches_reference_drawn(backend, device, B, H, S, D, dtype, t, gamma, magnitude,
+                                 layout, corr, seed):
+    xp, xc = make_pair(B, H, S, D, dtype, device, seed=seed, corr=corr, layout=layout)
+    m = minitriton.merge(xp, xc, t=t, gamma=gamma, magnitude=magnitude)
+    check_merge_against_reference(m, xp, xc, t, gamma, magnitude, D_TOL, assert_close)
+
+
+# ---- properties (SPEC.md) --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_magnitudes_survive_and_retained_exact(backend, device, dtype):
+    xp, xc = make_pair(2, 2, 29, 96, dtype, device, outliers=2, scale=3.0)
+    m = minitriton.merge(xp, xc, 0.6, 0.2)
+    xp_hat, xc_hat = minitriton.restore(m)
+    for x, x_hat, name in ((xp, xp_hat, "prev"), (xc, xc_hat, "cur")):
+        n = torch.linalg.vector_norm(x.double(), dim=-1)
+        assert_close(torch.linalg.vector_norm(x_hat.double(), dim=-1), n, dtype, scale=n,
+                     what=f"|x_hat| {name}")
+        assert torch.equal(x_hat[m.retained], x[m.retained])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_t_endpoints_restore_one_layer(backend, device, dtype, t):
+    xp, xc = make_pair(1, 2, 17, 64, dtype, device, seed=3)
+    m = minitriton.merge(xp, xc, t=t, gamma=0.0)
+    xp_hat, xc_hat = minitriton.restore(m)
+    src = xp if t == 0.0 else xc
+    u = src.double() / torch.linalg.vector_norm(src.double(), dim=-1, keepdim=True)
+    assert_close(m.e, u, dtype, what="e at t endpoint")
+    hat = xp_hat if t == 0.0 else xc_hat
+    assert_close(hat, src, dtype, scale=token_norms(src), what="restored layer at t endpoint")
+
+
+def _random_rotation(D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _rope(x, base=10000.0):
+    """Rotate-half RoPE at each token's position (a rotation per position, the same for both
+    layers of a pair)."""
+    S, D = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+@pytest.mark.parametrize("rotation", ["orthogonal", "rope"])
+def test_shared_rotation_commutes(backend, device, rotation):
+    xp, xc = make_pair(1, 2, 23, 64, torch.float32, device, seed=5, outliers=2)
+    if rotation == "orthogonal":
+        R = _random_rotation(64, 1).to(device)
+        rot = lambda x: (x.double() @ R.T).float()  # noqa: E731
+    else:
+        rot = lambda x: _rope(x.double()).float()  # noqa: E731
+    m = minitriton.merge(xp, xc, 0.6, 0.1)
+    m_rot = minitriton.merge(rot(xp), rot(xc), 0.6, 0.1)
+    assert_close(m_rot.e, rot(m.e), torch.float32, what="e of rotated inputs")
+    assert_close(m_rot.d_max, m.d_max, torch.float32, scale=D_TOL / 2e-5, what="d_max")
+    r_hat = [rot(x) for x in minitriton.restore(m)]
+    hat_r = minitriton.restore(m_rot)
+    agree = (m.retained == m_rot.retained)[..., None]
+    for a, b, x in zip(hat_r, r_hat, (xp, xc)):
+        assert_close(torch.where(agree, a, b), b, torch.float32, scale=token_norms(x),
+                     what="restore(merge(Rx)) vs R restore(merge(x))")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_swap_layers_and_t(backend, device, dtype):
+    xp, xc = make_pair(2, 2, 19, 48, dtype, device, seed=7)
+    a = minitriton.merge(xp, xc, t=0.3, gamma=0.1)
+    b = minitriton.merge(xc, xp, t=0.7, gamma=0.1)
+    assert_close(a.e, b.e.float(), dtype, what="e after swapping layers and t -> 1 - t")
+    assert_close(a.mag_prev, b.mag_cur, dtype, scale=token_norms(xp)[..., 0], what="magnitudes")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("which", ["prev", "cur"])
+def test_positive_scaling_only_scales_magnitude(backend, device, dtype, which):
+    xp, xc = make_pair(1, 3, 13, 32, dtype, device, seed=11, outliers=1)
+    k = 4.0                        # a power of two: exact in every dtype
+    sp, sc = (k, 1.0) if which == "prev" else (1.0, k)
+    m = minitriton.merge(xp, xc, 0.6, 0.2)
+    ms = minitriton.merge(xp * sp, xc * sc, 0.6, 0.2)
+    assert torch.equal(ms.e, m.e)
+    assert torch.equal(ms.retained, m.retained)
+    assert torch.equal(ms.mag_prev, m.mag_prev * sp)
+    assert torch.equal(ms.mag_cur, m.mag_cur * sc)
+
+
+@given(gammas=st.lists(st.floats(0, 1), min_size=2, max_size=4),
+       seed=st.integers(0, 1000), dtype=st.sampled_from(DTYPES))
+def test_monotone_in_gamma(backend, device, gammas, seed, dtype):
+    xp, xc = make_pair(2, 2, 31, 32, dtype, device, seed=seed, corr=0.6)
+    prev = None
+    for g in sorted(gammas):
+        r = minitriton.merge(xp, xc, 0.6, g).retained
+        if prev is not None:
+            assert not (prev & ~r).any(), f"gamma {g} drops a token retained at a smaller gamma"
+        prev = r
+
+
+def test_gamma_endpoints(backend, device):
+    xp, xc = make_pair(2, 3, 41, 32, torch.float32, device, seed=2, corr=0.3)
+    assert minitriton.merge(xp, xc, 0.6, 0.0).num_retained == 0
+    m = minitriton.merge(xp, xc, 0.6, 1.0)
+    # All but each row's least distant token (random data: one token per row at d_min).
+    assert (m.retained.sum(-1) == 40).all()
+
+
+def test_batch_invariant(backend, device):
+    xp, xc = make_pair(3, 2, 23, 80, torch.float16, device, seed=4, outliers=2)
+    full = minitriton.merge(xp, xc, 0.6, 0.1)
+    full_hat = minitriton.restore(full)
+    for b in range(3):
+        one = minitriton.merge(xp[b:b + 1], xc[b:b + 1], 0.6, 0.1)
+        assert torch.equal(one.retained, full.retained[b:b + 1])
+        assert_close(one.e, full.e[b:b + 1].float(), torch.float16, what=f"e of sequence {b}")
+        for a, f in zip(minitriton.restore(one), full_hat):
+            assert_close(a, f[b:b + 1].float(), torch.float16, scale=token_norms(a))
+
+
+@given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 6e4]))
+def test_finite_in_finite_out(backend, device, dtype, seed, scale):
+    if dtype == torch.float16 and scale < 1e-6:
+        scale = 1e-4                # below float16's subnormals the inputs are just zeros
+    xp, xc = make_pair(1, 2, 9, 48, dtype, device, seed=seed, corr=0.5)
+    finfo = torch.finfo(dtype)
+    xp = (xp.float() * scale).clamp(-finfo.max / 8, finfo.max / 8).to(dtype)
+    xc = (xc.float() * scale).clamp(-finfo.max / 8, finfo.max / 8).to(dtype)
+    m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude="projection")
+    for x in (m.e, m.mag_prev, m.mag_cur, *minitriton.restore(m)):
+        assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_zero_vectors(backend, device, dtype):
+    xp, xc = make_pair(1, 2, 8, 32, dtype, device, seed=9)
+    xp[0, 0, 1] = 0
+    xc[0, 0, 2] = 0
+    xp[0, 1, 3] = 0
+    xc[0, 1, 3] = 0
+    m = minitriton.merge(xp, xc, 0.6, 0.0)
+    xp_hat, xc_hat = minitriton.restore(m)
+    assert (xp_hat[0, 0, 1] == 0).all() and (xc_hat[0, 0, 2] == 0).all()
+    assert (xp_hat[0, 1, 3] == 0).all() and (xc_hat[0, 1, 3] == 0).all()
+    # A zero partner leaves the other layer's direction: e = u_cur at (0, 0, 1).
+    u = xc[0, 0, 1].double() / torch.linalg.vector_norm(xc[0, 0, 1].double())
+    assert_close(m.e[0, 0, 1], u, dtype, what="e next to a zero vector")
+    check_merge_against_reference(m, xp, xc, 0.6, 0.0, "norm", D_TOL, assert_close)
+
+
+@pytest.mark.parametrize("t", [0.5, 0.6, 0.3])
+def test_antiparallel(backend, device, t):
+    xp, _ = make_pair(1, 1, 6, 64, torch.float32, device, seed=12)
+    xc = -2.0 * xp
+    m = minitriton.merge(xp, xc, t, 0.0)
+    u_c = xc / torch.linalg.vector_norm(xc, dim=-1, keepdim=True)
+    expect = u_c if t >= 0.5 else -u_c      # nlerp (1 - 2t) u_p, or u_c when that is zero
+    assert_close(m.e, expect, torch.float32, what="e of antiparallel pairs")
+    assert torch.isfinite(m.mag_prev).all()
+    assert_close(m.d_max, torch.ones(1, 1), torch.float32, what="d of antiparallel pairs")
+
+
+def test_inputs_not_modified(backend, device):
+    xp, xc = make_pair(2, 2, 11, 32, torch.bfloat16, device, layout="bshd", outliers=1)
+    before = (xp.clone(), xc.clone())
+    m = minitriton.merge(xp, xc, 0.6, 0.2)
+    minitriton.restore(m)
+    assert torch.equal(xp, before[0]) and torch.equal(xc, before[1])
+
+
+def test_s_one_and_empty_rows(backend, device):
+    xp, xc = make_pair(2, 2, 1, 16, torch.float32, device)
+    m = minitriton.merge(xp, xc, 0.6, 1.0)
+    assert m.num_retained == 0          # one token is its row's least distant: never retained
+    check_merge_against_reference(m, xp, xc, 0.6, 1.0, "norm", D_TOL, assert_close)
+
+
+# ---- chunks (streaming merge) ----------------------------------------------------------------
+def test_chunked_merge_with_d_range(backend, device):
+    xp, xc = make_pair(2, 2, 30, 32, torch.float32, device, seed=21, outliers=3)
+    first = minitriton.merge(xp[:, :, :20], xc[:, :, :20], 0.6, 0.1)
+    second = minitriton.merge(xp[:, :, 20:], xc[:, :, 20:], 0.6, 0.1,
+                              d_range=(first.d_min, first.d_max))
+    r = check_merge_against_reference(second, xp[:, :, 20:], xc[:, :, 20:], 0.6, 0.1, "norm",
+                                      D_TOL, assert_close, d_range=(first.d_min, first.d_max))
+    assert np.all(second.d_min.cpu().numpy() <= first.d_min.cpu().numpy())
+    assert r is not None
+    joined = minitriton.MergedPair.cat([first, second])
+    assert joined.shape == (2, 2, 30, 32)
+    assert torch.equal(joined.retained, torch.cat([first.retained, second.retained], 2))
+    a, b = minitriton.restore(joined)
+    assert torch.equal(a[joined.retained], xp[joined.retained])
+    assert torch.equal(b[joined.retained], xc[joined.retained])
+    assert_close(a, torch.cat([minitriton.restore(first)[0], minitriton.restore(second)[0]], 2),
+                 torch.float32, scale=token_norms(a))
+
+
+# ---- bytes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_bytes(device, dtype):
+    xp, xc = make_pair(2, 4, 64, 128, dtype, device, seed=1, outliers=2)
+    m = minitriton.merge(xp, xc, 0.6, 0.05)
+    isz = torch.tensor([], dtype=dtype).element_size()
+    tokens, N = 2 * 4 * 64, m.num_retained
+    expect = tokens * (128 * isz + 4 + 4 + 4) + 2 * N * 128 * isz + 2 * 2 * 4 * 4
+    assert m.nbytes == expect
+    assert m.dense_nbytes == 2 * tokens * 128 * isz
+    assert math.isclose(m.compression_ratio, m.dense_nbytes / m.nbytes)
+    assert m.compression_ratio > 1.7 if dtype != torch.float32 else m.compression_ratio > 1.8
+    assert m.to("cpu").nbytes == m.nbytes and m.device.type == device.type

@@ -1,0 +1,40 @@
+"""One short check on the embedded SmolLM2-135M model (skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from minitriton import assets  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+
+def test_embedded_model_eval_and_generate():
+    if not assets.available():
+        pytest.skip(f"embedded model or text not installed: {assets.MODEL_INSTALL}; "
+                    f"{assets.TEXT_INSTALL}")
+    from minitriton.cache import MergePlan
+    from minitriton.evaluate import evaluate
+    from minitriton.hf import MiniCacheHF, cache_kwargs, use_minitriton_attention
+
+    model, tok = assets.load_model()
+    L = model.config.num_hidden_layers
+    configs = {"full": MergePlan([]), "minicache-proj": MergePlan.paper(L, magnitude="projection")}
+    r = evaluate(model, tok, assets.load_text(), configs, n_windows=1, progress=False)
+    assert 5 < r["full"]["ppl"] < 100                      # a working language model
+    assert r["full"]["compression"] == 1.0
+    assert 1.2 < r["minicache-proj"]["compression"] < 1.4   # 7 of 30 layers merged
+    assert r["minicache-proj"]["ppl"] > r["full"]["ppl"]
+
+    use_minitriton_attention(model)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    cache = MiniCacheHF(model.config, window=4)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
+                             **cache_kwargs(model, cache))
+    assert out.shape[1] == ids.shape[1] + 8
+    assert cache.get_seq_length() == ids.shape[1] + 7 and cache.fused_steps == 7 * 14
