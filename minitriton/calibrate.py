@@ -5,8 +5,8 @@ measures it (mean cosine of the two layers' states, per adjacent pair). `calibra
 which pairs to merge, and with which settings, on calibration text disjoint from the evaluation
 windows (by default tokens from 768 * 4 on; the eval windows end there):
 
-1. Screen: every adjacent pair (l, l+1) alone, with one setting, scored on a short window: the
-   cost (increase in NLL) of merging that pair.
+1. Screen: every adjacent pair (l, l+1) alone, with one setting, scored on short windows
+   (two windows, 128 continuation tokens): the cost (increase in PPL) of merging that pair.
 2. Settings: for the cheapest pairs, a small grid of per-pair settings (t in {0, 0.6, 1},
    magnitude norm / projection); the cheapest setting wins. gamma stays small (0.05): retaining
    tokens costs 2 x D values each, so gamma = 0.3 (15-19% retained on this model) cancels most
@@ -90,7 +90,7 @@ class CalibrationReport:
 
 
 def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
-              budget_pct: float = 3.0, start: int = CALIBRATION_START, n_windows: int = 2,
+              budget_pct: float = 3.0, start: int = CALIBRATION_START, n_windows: int = 4,
               sink: int = 4, gamma: float = 0.05, top: int = 10,
               match_compression: Optional[float] = None, window: int = DEFAULT_WINDOW,
               progress: bool = True, return_report: bool = False):
@@ -102,7 +102,8 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
         text / ids: the calibration text (default: the embedded text), or its token ids.
         budget_pct: allowed PPL increase over the dense cache, in percent.
         start: first calibration token (default 3072, after the evaluation windows).
-        n_windows: calibration windows (512 prefix + 256 continuation, stride 768).
+        n_windows: calibration windows (512 prefix + 256 continuation, stride 768); 4 by
+            default (tokens 3072 to 6144 of the embedded text).
         sink, gamma: per-pair sink tokens and retention threshold.
         top: how many of the cheapest pairs get the settings grid and may enter the plan.
         match_compression: also build "calibrated-matched", adding pairs until the plan's
@@ -117,7 +118,7 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
             text = load_text()
         ids = tokenizer(text).input_ids
     wins = token_windows(ids, n_windows, start=start)
-    screen = token_windows(ids, 1, start=start, continuation=128)
+    screen = token_windows(ids, min(n_windows, 2), start=start, continuation=128)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -129,7 +130,7 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
         return evaluate_plans(model, wins_, configs, window=window, bar=bar, prefilled=pre_)
 
     pre = [prefill(model, w.prefix) for w in wins]
-    pre_screen = [prefill(model, w.prefix) for w in screen]
+    pre_screen = pre[:len(screen)]    # the same prefixes: shorter continuations only
     sims = similarity([states for _, states in pre])
 
     # 1. screen every adjacent pair with one setting

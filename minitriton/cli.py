@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", parents=[common], help="choose pairs and per-pair settings")
     c.add_argument("--budget", type=float, default=3.0, help="PPL budget, %% over dense (3)")
-    c.add_argument("--windows", type=int, default=2, help="calibration windows (2)")
+    c.add_argument("--windows", type=int, default=4, help="calibration windows (4)")
     c.add_argument("--sink", type=int, default=4, help="dense sink tokens per pair (4)")
     c.add_argument("--top", type=int, default=14, help="cheapest pairs considered (14)")
     c.add_argument("--out", help="write the budget plan as JSON")

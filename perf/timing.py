@@ -148,4 +148,7 @@ def environment(device: torch.device) -> dict[str, str]:
         env["cuda"] = str(torch.version.cuda)
     else:
         env["threads"] = str(torch.get_num_threads())
+        if hasattr(os, "getloadavg"):  # a CPU shared with other work gives slower, noisier figures
+            env["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        env["cpus"] = str(os.cpu_count())
     return env

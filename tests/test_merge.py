@@ -253,3 +253,32 @@ def test_bytes(device, dtype):
     assert math.isclose(m.compression_ratio, m.dense_nbytes / m.nbytes)
     assert m.compression_ratio > 1.7 if dtype != torch.float32 else m.compression_ratio > 1.8
     assert m.to("cpu").nbytes == m.nbytes and m.device.type == device.type
+
+
+# ---- projection magnitudes (SPEC property 9) -------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_projection_never_worse_than_norm(backend, device, dtype):
+    xp, xc = make_pair(2, 3, 31, 64, dtype, device, seed=13, corr=0.2, outliers=2)
+    mn = minitriton.merge(xp, xc, 0.6, 0.05, magnitude="norm")
+    mp = minitriton.merge(xp, xc, 0.6, 0.05, magnitude="projection")
+    assert torch.equal(mn.retained, mp.retained) and torch.equal(mn.e, mp.e)
+    merged = ~mn.retained
+    slack = 4 * torch.finfo(dtype).eps
+    for x, hn, hp in zip((xp, xc), minitriton.restore(mn), minitriton.restore(mp)):
+        err_n = torch.linalg.vector_norm((hn.double() - x.double()), dim=-1)
+        err_p = torch.linalg.vector_norm((hp.double() - x.double()), dim=-1)
+        n = torch.linalg.vector_norm(x.double(), dim=-1)
+        worse = (err_p > err_n + slack * n) & merged
+        assert not worse.any(), f"projection worse than norm at {worse.nonzero()[:5].tolist()}"
+        assert (err_p[merged] < err_n[merged]).float().mean() > 0.9   # strictly better mostly
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_projection_equals_norm_for_coinciding_directions(backend, device, dtype):
+    xp, _ = make_pair(1, 2, 17, 80, dtype, device, seed=14)
+    xc = xp * 2.0
+    mn = minitriton.merge(xp, xc, 0.6, 0.05, magnitude="norm")
+    mp = minitriton.merge(xp, xc, 0.6, 0.05, magnitude="projection")
+    n = token_norms(xp)[..., 0]
+    assert_close(mp.mag_prev, mn.mag_prev, dtype, scale=n, what="c_prev vs |x_prev|")
+    assert_close(mp.mag_cur, mn.mag_cur, dtype, scale=2 * n, what="c_cur vs |x_cur|")
