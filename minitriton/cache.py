@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 
@@ -394,7 +394,8 @@ class MiniCache:
 
     # ---- writes ----
     def _check_layer(self, layer) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) \
+                or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
 
     def _locate(self, layer: int):

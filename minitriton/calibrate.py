@@ -1,4 +1,5 @@
-"""Per-pair similarity diagnostics and calibration of a merge plan (`python -m minitriton calibrate`).
+"""Per-pair similarity diagnostics and calibration of a merge plan
+(`python -m minitriton calibrate`).
 
 MiniCache assumes that adjacent layers' key/value states point the same way. `similarity`
 measures it (mean cosine of the two layers' states, per adjacent pair). `calibrate` then searches
@@ -189,23 +190,24 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
 
 
 # ---- plans calibrated on the embedded model -----------------------------------------------------
-# `python -m minitriton calibrate` on SmolLM2-135M-Instruct (Q4_1, float32), calibration windows
-# at tokens 3072 and 3840 of the embedded text (disjoint from the eval windows), budget +3%.
-# "order" is the sequence in which the greedy search added pairs (the calibrated curve).
-# Measured there: dense PPL 29.47; the curve (pairs, compression, PPL) went (5, 1.18x, 30.26),
-# (6, 1.23x, 31.21), (7, 1.28x, 33.53), (8, 1.33x, 34.60).
+# `python -m minitriton calibrate` on SmolLM2-135M-Instruct (Q4_1, float32), 4 calibration windows
+# from token 3072 of the embedded text (disjoint from the eval windows), budget +3%, 489 s.
+# "order" is the sequence in which the greedy search added pairs (the calibrated curve). Measured
+# there: dense PPL 28.34; (pairs, compression, PPL):
+# (1, 1.03x, 28.87), (2, 1.07x, 28.93), (3, 1.10x, 29.07), (4, 1.14x, 29.55),
+# (5, 1.18x, 29.89), (6, 1.23x, 30.37), (7, 1.28x, 32.28), (8, 1.33x, 32.50).
 SMOLLM2_135M = {
     "order": [
-        dict(prev=24, t=0.6, gamma=0.05, magnitude="norm", sink=4),
-        dict(prev=26, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=16, t=0.0, gamma=0.05, magnitude="projection", sink=4),
         dict(prev=28, t=0.0, gamma=0.05, magnitude="projection", sink=4),
-        dict(prev=4, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=3, t=0.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=25, t=0.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=5, t=1.0, gamma=0.05, magnitude="projection", sink=4),
         dict(prev=18, t=1.0, gamma=0.05, magnitude="projection", sink=4),
-        dict(prev=9, t=0.6, gamma=0.05, magnitude="norm", sink=4),
-        dict(prev=11, t=1.0, gamma=0.05, magnitude="projection", sink=4),
-        dict(prev=20, t=1.0, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=20, t=0.6, gamma=0.05, magnitude="projection", sink=4),
+        dict(prev=8, t=0.0, gamma=0.05, magnitude="projection", sink=4),
     ],
-    "calibrated": 5,           # number of leading pairs of "order" in each plan
+    "calibrated": 3,           # number of leading pairs of "order" in each plan: within +3%
     "calibrated-matched": 8,   # compression >= the paper plan's
 }
 

@@ -4,8 +4,9 @@ Protocol (deterministic; no sampling):
 - Tokenise the whole text once: `tokenizer(text).input_ids` (default special tokens).
 - Window w = 0, 1, 2, 3: prefix = tokens[768 w : 768 w + 512], continuation = the next 256.
 - Prefill the prefix through the model; its states fill a fresh `MiniCacheHF` per config (the
-  merges happen there; one prefill per window serves all configs, see `prefill`), then score the continuation in ONE forward pass over that cache (teacher forcing: the 255
-  appended tokens stay in the uncompressed tail). The first continuation token is predicted from
+  merges happen there; one prefill per window serves all configs, see `prefill`), then score
+  the continuation in ONE forward pass over that cache (teacher forcing: the 255 appended
+  tokens stay in the uncompressed tail). The first continuation token is predicted from
   the prefill's last logits.
 - PPL = exp(mean NLL over the 4 x 256 continuation tokens). Compression = dense bytes / bytes
   held after the prefill, over all layers (every byte counted, see `MiniCache.nbytes`).

@@ -88,7 +88,7 @@ def _measure_point(p, device, budget, rows, notes, errors) -> None:
                 fn = prov.make()
                 t = bench(fn, device, *budget)
                 host = (host_ms_per_call(fn, device, median_ms=t.median_ms)
-                        if device.type == "cuda" else None)
+                        if device.type == "cuda" and prov.name == "op" else None)
         except torch.cuda.OutOfMemoryError:
             notes.append(f"{where}: not measured, out of device memory")
             continue
@@ -129,8 +129,8 @@ def run(ops, grid_name: str, device: torch.device, out_dir: Path, progress: bool
     budget = BUDGET_MS[grid_name]
     roofs = {}
     for dt in dict.fromkeys(p.dtype for p in points):
-        roofs[DTYPE_NAMES[dt]] = compute_roof_flops(dt, device, ROOF_N.get(device.type, 256),
-                                         lambda fn: bench(fn, device, *budget))
+        roofs[DTYPE_NAMES[dt]] = compute_roof_flops(
+            dt, device, ROOF_N.get(device.type, 256), lambda fn: bench(fn, device, *budget))
     env["matmul roof"] = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in roofs.items())
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / f"{'all' if len(ops) > 1 else ops[0]}-{grid_name}"

@@ -151,10 +151,12 @@ def test_bytes_count_everything_held():
     # the mean pair holds one average per token, and returns it for both layers
     k2, v2 = cache.get(2)
     k3, v3 = cache.get(3)
-    m = p_mean = cache._pairs[2]
+    p_mean = cache._pairs[2]
     n = p_mean.merged_len()
+    assert n == 28 and p_mean.mean_v.shape[2] == n           # 20 + two W-chunks of 4
     torch.testing.assert_close(k2[:, :, :n], (ks[2][:, :, :n] + ks[3][:, :, :n]) / 2)
-    assert torch.equal(k2[:, :, :n], k3[:, :, :n]) and m.mean_v.shape[2] == n
+    torch.testing.assert_close(v3[:, :, :n], (vs[2][:, :, :n] + vs[3][:, :, :n]) / 2)
+    assert torch.equal(k2[:, :, :n], k3[:, :, :n]) and torch.equal(v2[:, :, :n], v3[:, :, :n])
     stats = cache.stats()
     assert [s["layer"] for s in stats] == list(range(L)) and stats[1]["pair"].startswith("(0,1)")
 
