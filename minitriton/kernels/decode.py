@@ -224,9 +224,10 @@ def _decode_reduce_kernel(
 # ---- configs ---------------------------------------------------------------------------------
 # BLOCK_D -> (BLOCK_N, num_warps, num_stages) on a GPU. The dots run on CUDA cores (float32
 # FMA), whose operand layouts hold whole rows of q and k per thread, so registers, not
-# bandwidth, bound the tiles: each entry compiles without spills for sm_80 and sm_90 in every
-# dtype, as ptxas reports spills (75-255 registers; D = 16 with BLOCK_N = 64 spilled 24 bytes on
-# sm_90, D = 128 with BLOCK_N = 32 spilled 24 bytes on sm_80, 4 warps spilled kilobytes). Software pipelining (num_stages > 1) doubled the registers.
+# bandwidth, bound the tiles: each entry compiles without spills (as ptxas reports them) for
+# sm_80 and sm_90 in every dtype, at 75-255 registers. D = 16 with BLOCK_N = 64 spilled 24 bytes
+# on sm_90, D = 128 with BLOCK_N = 32 spilled 24 bytes on sm_80, 4 warps spilled kilobytes, and
+# software pipelining (num_stages > 1) doubled the registers.
 _GPU_CONFIGS = {16: (32, 8, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (16, 8, 1),
                 256: (32, 8, 1)}
 
