@@ -6,9 +6,12 @@ Triton kernels with a torch path for CPUs.
     o = minitriton.decode_attention(q, m_k, m_v, layer="cur")  # over the compressed cache
 """
 
+from .cache import MergePlan, MiniCache, PairSpec
+from .calibrate import calibrate
 from .decode import decode_attention
 from .merge import merge, restore
 from .pair import MergedPair
 
-__all__ = ["merge", "restore", "decode_attention", "MergedPair"]
+__all__ = ["merge", "restore", "decode_attention", "MergedPair", "MiniCache", "MergePlan",
+           "PairSpec", "calibrate"]
 __version__ = "0.1.0"

@@ -127,13 +127,15 @@ def cmd_demo(args) -> int:
 
     # 1. generation: dense cache beside MiniCache (fused decode attention over merged pairs)
     print(f"prompt: {args.prompt}\n")
+    _generate(model, tok, args.prompt, DynamicCache(), 2)       # warm-up, not timed
     dense_text, dense_s = _generate(model, tok, args.prompt, DynamicCache(), args.max_new_tokens)
     use_minitriton_attention(model)
     cache = MiniCacheHF(model.config, plan, window=args.window)
     mini_text, mini_s = _generate(model, tok, args.prompt, cache, args.max_new_tokens)
     print(f"[dense cache, {dense_s:.1f}s]\n{dense_text}\n")
     print(f"[MiniCache {name}, {mini_s:.1f}s, {cache.get_seq_length()} tokens held at "
-          f"{cache.compression_ratio:.2f}x, {cache.fused_steps} fused decode steps]\n{mini_text}\n")
+          f"{cache.compression_ratio:.2f}x, {cache.fused_steps} fused decode steps; the newest "
+          f"tokens, fewer than W={args.window}, stay dense]\n{mini_text}\n")
 
     # 2. quality on the eval protocol (fewer windows by default) and the trade-off curves
     ids = tok(text).input_ids
@@ -224,7 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("synthetic", help="merge a synthetic cache (no model needed)")
+    s.add_argument("--shape", default="2,8,2048,128", help="B,H,S,D (2,8,2048,128)")
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--t", type=float, default=0.6)
+    s.add_argument("--gamma", type=float, default=0.05)
+    s.set_defaults(func=cmd_synthetic)
     return p
+
+
+def cmd_synthetic(args) -> int:
+    import torch
+
+    from .synthetic import run
+    B, H, S, D = (int(v) for v in args.shape.split(","))
+    run(B, H, S, D, dtype=getattr(torch, args.dtype), t=args.t, gamma=args.gamma)
+    return 0
 
 
 def main(argv=None) -> int:

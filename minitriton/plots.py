@@ -64,6 +64,9 @@ def plot_tradeoff(points: dict, path, full_ppl: Optional[float] = None,
     ax.set_xlabel("KV compression (dense bytes / bytes held)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
     ax.set_title(title or "MiniCache on SmolLM2-135M: quality against compression")
     ax.legend(fontsize=8)
     fig.tight_layout()

