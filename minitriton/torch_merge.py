@@ -20,39 +20,58 @@ import torch
 from .pair import MergedPair, _slots_from_mask
 from .reference import LERP_EPS, SIN_EPS
 
-# The cosine here is rounded (float32 dot over float32 norms: ~1e-7 relative), which moves an
-# antiparallel pair's angle off pi by up to ~5e-4, where SLERP's weights are ill conditioned.
-# Below this |sin(Omega)| the torch path uses the linear interpolation (the kernels, whose
-# angle is exact near 0 and pi, use SIN_EPS).
-TORCH_SIN_EPS = max(SIN_EPS, 2e-3)
+# arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
+# ~sqrt(2e-6) near 0 and pi, where SLERP's weights are ill conditioned. Tokens whose angle is
+# within this of 0 or pi get it again from 2 atan2(|u_p - u_c|, |u_p + u_c|), exact there (the
+# kernels' formula); they are rare, so only they are read again.
+_REFINE_NEAR = 1e-2
 
 # Tokens per chunk: 2 inputs x float32 x CHUNK_TOKENS x D = 4 MiB (fewer, larger ops).
 _CHUNK_BYTES = 1 << 22
 
 
-def _slerp_coefficients(n_p, n_c, dot, t: float):
+def _refine_angles(omega, x_prev, x_cur, inv_p, inv_c):
+    """Recompute, in place, the angle of the tokens near 0 or pi from their directions."""
+    near = (omega < _REFINE_NEAR) | (omega > math.pi - _REFINE_NEAR)
+    near &= (inv_p > 0) & (inv_c > 0)
+    idx = torch.nonzero(near, as_tuple=True)
+    if idx[0].numel():
+        u_p = x_prev[idx].float() * inv_p[idx].unsqueeze(-1)
+        u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
+        omega[idx] = 2.0 * torch.atan2(torch.linalg.vector_norm(u_p - u_c, dim=-1),
+                                       torch.linalg.vector_norm(u_p + u_c, dim=-1))
+    return omega
+
+
+def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
     """Per-token scalars (a, b, d) such that e = a x_prev + b x_cur is the unit SLERP direction
-    and d = Omega / pi. All inputs and outputs float32 `[...]`."""
-    zero_p, zero_c = n_p == 0, n_c == 0
-    inv_p = torch.where(zero_p, torch.zeros_like(n_p), 1.0 / n_p)
-    inv_c = torch.where(zero_c, torch.zeros_like(n_c), 1.0 / n_c)
-    cos = (dot * inv_p * inv_c).clamp_(-1.0, 1.0)       # 0 when either vector is zero
-    omega = torch.arccos(cos)
+    and d = Omega / pi. All inputs and outputs float32 `[...]` (few, mostly in-place ops: this
+    runs once over every token)."""
+    nonzero_p, nonzero_c = n_p > 0, n_c > 0
+    inv_p = torch.reciprocal(n_p).nan_to_num_(posinf=0.0)           # direction 0 for x = 0
+    inv_c = torch.reciprocal(n_c).nan_to_num_(posinf=0.0)
+    cos = (dot * inv_p).mul_(inv_c).clamp_(-1.0, 1.0)                # 0 when either is zero
+    omega = _refine_angles(torch.arccos(cos), x_prev, x_cur, inv_p, inv_c)
+    cos = torch.where(nonzero_p & nonzero_c, torch.cos(omega), cos)
     sin = torch.sin(omega)
-    safe = sin.abs() >= TORCH_SIN_EPS
-    sin_ = torch.where(safe, sin, torch.ones_like(sin))
-    w_p = torch.where(safe, torch.sin((1.0 - t) * omega) / sin_, torch.full_like(sin, 1.0 - t))
-    w_c = torch.where(safe, torch.sin(t * omega) / sin_, torch.full_like(sin, t))
-    # Only non-zero directions contribute to |e|.
-    w_p = torch.where(zero_p, torch.zeros_like(w_p), w_p)
-    w_c = torch.where(zero_c, torch.zeros_like(w_c), w_c)
-    n_e = torch.sqrt((w_p * w_p + w_c * w_c + 2.0 * w_p * w_c * cos).clamp_(min=0.0))
+    safe = sin.abs() >= SIN_EPS
+    inv_sin = torch.where(safe, torch.reciprocal(sin), 0.0)
+    # SLERP weights where safe, the linear interpolation's (1 - t, t) elsewhere; only non-zero
+    # directions contribute.
+    w_p = torch.where(safe, torch.sin(omega * (1.0 - t)).mul_(inv_sin), 1.0 - t)
+    w_c = torch.where(safe, torch.sin(omega * t).mul_(inv_sin), t)
+    w_p.mul_(nonzero_p)
+    w_c.mul_(nonzero_c)
+    n_e = (w_p * w_p).addcmul_(w_c, w_c).addcmul_(w_p * w_c, cos, value=2.0).clamp_(min=0.0)
+    n_e.sqrt_()
     degenerate = (~safe) & (n_e < LERP_EPS)               # antiparallel at t = 0.5: take u_c
-    w_p = torch.where(degenerate, torch.zeros_like(w_p), w_p)
-    w_c = torch.where(degenerate, torch.ones_like(w_c), w_c)
-    n_e = torch.where(degenerate, (~zero_c).to(n_e.dtype), n_e)
-    inv_e = torch.where(n_e > 0, 1.0 / n_e, torch.zeros_like(n_e))
-    return w_p * inv_p * inv_e, w_c * inv_c * inv_e, omega * (1.0 / math.pi)
+    if bool(degenerate.any()):
+        w_p = torch.where(degenerate, 0.0, w_p)
+        w_c = torch.where(degenerate, 1.0, w_c)
+        n_e = torch.where(degenerate, nonzero_c.to(n_e.dtype), n_e)
+    inv_e = torch.reciprocal(n_e).nan_to_num_(posinf=0.0)
+    return (w_p.mul_(inv_p).mul_(inv_e), w_c.mul_(inv_c).mul_(inv_e),
+            omega.mul_(1.0 / math.pi))
 
 
 def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
@@ -76,8 +95,11 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         xp32, xc32 = xp_v[idx].float(), xc_v[idx].float()
         n_p_v[idx] = torch.linalg.vector_norm(xp32, dim=-1)
         n_c_v[idx] = torch.linalg.vector_norm(xc32, dim=-1)
-        dot_v[idx] = torch.linalg.vecdot(xp32, xc32)
-    a, b, d = _slerp_coefficients(n_p, n_c, dot, t)
+        if xp32.dim() == 2:   # rows [n, D]: a batched [1, D] x [D, 1] product, no temporary
+            dot_v[idx] = torch.bmm(xp32.unsqueeze(1), xc32.unsqueeze(2)).view(-1)
+        else:
+            dot_v[idx] = torch.linalg.vecdot(xp32, xc32)
+    a, b, d = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
     a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
     for idx in chunks:
         if e.dtype == torch.float32:      # write e in place: no float32 copy to cast from
@@ -132,8 +154,17 @@ def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) 
 
 
 def gather_retained_torch(x_prev, x_cur, retained):
-    """The retained tokens' originals, `[N, D]` each, rows in (b, h, s) order."""
-    return x_prev[retained], x_cur[retained]
+    """The retained tokens' originals, `[N, D]` each, rows in (b, h, s) order (index_select on
+    a `[B*H*S, D]` view when the inputs flatten, else advanced indexing; never a full copy)."""
+    B, H, S, D = x_prev.shape
+    idx = torch.nonzero(retained.reshape(-1)).reshape(-1)
+    out = []
+    for x in (x_prev, x_cur):
+        try:
+            out.append(x.view(-1, D).index_select(0, idx))
+        except RuntimeError:
+            out.append(x[idx // (H * S), (idx // S) % H, idx % S])
+    return out[0], out[1]
 
 
 def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
