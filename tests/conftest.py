@@ -39,9 +39,9 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
-# Angular distance: computed in float32 whatever the dtype; near-parallel pairs lose ~1e-4 in
-# the torch path (arccos of a rounded cosine), so tokens this close to the threshold may go
-# either way.
+# Angular distance: computed in float32 whatever the dtype (the torch path from arccos of a
+# rounded cosine, ~1e-4 off at 0.01 rad from 0 or pi, where it switches to the exact form), so
+# tokens this close to the threshold may go either way.
 D_TOL = 3e-4
 
 
