@@ -304,7 +304,8 @@ class _Pair:
     def merged_states(self, side: int):
         """(keys, values) of the store for one layer, restored, or (None, None)."""
         if self.mk is not None:
-            return restore(self.mk)[side], restore(self.mv)[side]
+            layer = ("prev", "cur")[side]
+            return restore(self.mk, layer), restore(self.mv, layer)
         return self.mean_k, self.mean_v
 
     def get(self, side: int):

@@ -237,7 +237,8 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
                          **kwargs):
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
-    layer, scaled-dot-product attention otherwise."""
+    layer, scaled-dot-product attention otherwise (longer queries, masks that hide cached
+    tokens, soft-capped or sliding-window layers)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     mark = getattr(key, _MARK, None)
@@ -245,7 +246,10 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     owner, layer_idx = mark
-    if query.shape[2] == 1 and _mask_is_open(attention_mask):
+    # decode_attention has no logit soft-capping and no sliding window: such layers restore.
+    plain = (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+             and getattr(module, "attn_logit_softcapping", None) is None)
+    if plain and query.shape[2] == 1 and _mask_is_open(attention_mask):
         k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
                              v_tail=v_extra, sm_scale=scaling)

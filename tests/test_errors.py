@@ -97,6 +97,11 @@ def test_d_range(backend, pair):
             d_range=(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)))
 
 
+def test_restore_layer_name(backend, pair):
+    _raises(ValueError, "layer: expected None, .prev. or .cur., got .both.", minitriton.restore,
+            minitriton.merge(*pair), layer="both")
+
+
 @pytest.mark.parametrize("bad", [None, (1, 2), {"e": 1}])
 def test_restore_of_non_pair(backend, bad):
     _raises(TypeError, "m: expected a MergedPair", minitriton.restore, bad)
@@ -124,8 +129,24 @@ def test_triton_on_cpu_without_interpreter(monkeypatch, pair):
 
 
 def test_nothing_written_on_error(backend, pair):
+    """The last argument checked is bad: nothing has run, the inputs are untouched."""
     xp, xc = pair
-    before = xp.clone()
-    with pytest.raises(ValueError):
-        minitriton.merge(xp, xc, t=2.0)
-    assert torch.equal(xp, before)
+    before = (xp.clone(), xc.clone())
+    with pytest.raises(ValueError, match=r"d_range\[1\]: device meta"):
+        minitriton.merge(xp, xc, 0.6, 0.05, "projection",
+                         d_range=(torch.zeros(1, 2, device=xp.device), torch.zeros(1, 2, device="meta")))
+    assert torch.equal(xp, before[0]) and torch.equal(xc, before[1])
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("mag_prev", lambda m: m.mag_prev.double(), TypeError, "m.mag_prev: expected torch.float32"),
+    ("slot", lambda m: m.slot.long(), TypeError, "m.slot: expected torch.int32"),
+    ("slot", lambda m: m.slot.abs() + 5, ValueError, "m.slot: row .* outside the retained store"),
+    ("kept_cur", lambda m: m.kept_cur[:0], ValueError, "kept_prev .* and kept_cur .* differ"),
+])
+def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
+    import dataclasses
+    m = minitriton.merge(*pair, gamma=0.5)
+    if pair[0].device.type != "cpu" and "outside" in match:
+        pytest.skip("the slot range is checked on CPU only (on CUDA it would synchronise)")
+    _raises(exc, match, minitriton.restore, dataclasses.replace(m, **{field: value(m)}))
