@@ -40,6 +40,30 @@ def pick_configs(full: list, interpreted: triton.Config) -> list:
     return [interpreted] if interpreter_enabled() else full
 
 
+def token_tile_configs() -> list:
+    """The GPU autotune space of the kernels that tile [BLOCK_S tokens, BLOCK_D] (merge pass 1,
+    restore); each kernel prunes it to what fits its registers (`tile_pruner`)."""
+    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
+            for bs in (8, 16, 32) for w in (4, 8)]
+
+
+def token_tile_autotune_configs() -> list:
+    """`token_tile_configs()`, or one config under the interpreter."""
+    return pick_configs(token_tile_configs(),
+                        triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
+
+
+def tile_pruner(elems_per_thread: int):
+    """An `early_config_prune` keeping the configs whose [BLOCK_S, BLOCK_D] tile puts at most
+    `elems_per_thread` elements in each thread (32 threads a warp)."""
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_S"] * bd <= 32 * elems_per_thread * c.num_warps]
+        return kept or configs[:1]
+    return prune
+
+
 def torch_to_tl_dtype(dtype) -> str:
     import torch
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",

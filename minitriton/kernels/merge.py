@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ..pair import MergedPair
 from ..reference import LERP_EPS, SIN_EPS
-from .common import PI, atan2_nonneg, block_d, pick_configs
+from .common import (PI, atan2_nonneg, block_d, tile_pruner, token_tile_autotune_configs,
+                     token_tile_configs)
 
 # Globals a kernel reads must be constexpr.
 _PI = tl.constexpr(PI)
@@ -26,27 +27,11 @@ _SIN_EPS = tl.constexpr(SIN_EPS)
 _LERP_EPS = tl.constexpr(LERP_EPS)
 
 
-def merge_configs_full() -> list:
-    """Autotune space of pass 1 on a GPU, keyed on D (and the input dtype, which the autotuner
-    adds); `_prune` keeps the configs that fit in registers."""
-    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
-            for bs in (8, 16, 32) for w in (4, 8)]
-
-
-def merge_configs() -> list:
-    """The configs the autotuner gets: the full space, or one config under the interpreter."""
-    return pick_configs(merge_configs_full(),
-                        triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
-
-
-def _prune(configs, named_args, **kwargs):
-    """At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven
-    float32 tiles live (inputs, directions, e and the difference/sum), and 16 a thread already
-    spills on sm_80 (215 registers + stack at BLOCK_S=32, D=128, 8 warps). BLOCK_S = 4 is not
-    offered: at D = 256 ptxas spills 8 bytes for it on sm_90 even at 64 registers."""
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 256 * c.num_warps]
-    return kept or configs[:1]
+# At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven float32
+# tiles live (inputs, directions, e and the difference/sum), and 16 a thread already spills on
+# sm_80 (215 registers + stack at BLOCK_S=32, D=128, 8 warps). BLOCK_S = 4 is not offered: at
+# D = 256 ptxas spills 8 bytes for it on sm_90 even at 64 registers.
+_prune = tile_pruner(8)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -118,7 +103,7 @@ def _merge_kernel(
     tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_s, d, -1.0), axis=0))
 
 
-_merge_autotuned = triton.autotune(configs=merge_configs(), key=["D", "BLOCK_D"],
+_merge_autotuned = triton.autotune(configs=token_tile_autotune_configs(), key=["D", "BLOCK_D"],
                                    prune_configs_by={"early_config_prune": _prune})(_merge_kernel)
 
 
@@ -203,7 +188,7 @@ def aot_specs() -> list:
                "dmin_ptr": "*fp32", "dmax_ptr": "*fp32", "H": "i32", "S": "i32",
                "D": "i32", **strides, "t": "fp32", "PROJECTION": "constexpr",
                "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-        for cfg in _prune(merge_configs_full(), {}, BLOCK_D=bd):
+        for cfg in _prune(token_tile_configs(), {}, BLOCK_D=bd):
             bs = cfg.kwargs["BLOCK_S"]
             specs.append((f"merge[{dt},BD={bd},proj={int(proj)},BS={bs},w={cfg.num_warps}]",
                           _merge_kernel, sig, {"PROJECTION": proj, "BLOCK_S": bs, "BLOCK_D": bd},
@@ -218,4 +203,4 @@ def aot_specs() -> list:
     return specs
 
 
-__all__ = ["merge_triton", "gather_retained_triton", "merge_configs", "aot_specs"]
+__all__ = ["merge_triton", "gather_retained_triton", "aot_specs"]

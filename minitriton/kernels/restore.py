@@ -14,25 +14,11 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from .common import block_d, pick_configs
+from .common import block_d, tile_pruner, token_tile_autotune_configs, token_tile_configs
 
 
-def restore_configs_full() -> list:
-    """GPU autotune space, keyed on D (and dtype); `_prune` keeps the configs that fit."""
-    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1)
-            for bs in (8, 16, 32) for w in (4, 8)]
-
-
-def restore_configs() -> list:
-    return pick_configs(restore_configs_full(),
-                        triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
-
-
-def _prune(configs, named_args, **kwargs):
-    """At most 16 elements of a [BLOCK_S, BLOCK_D] tile per thread (32 spill at D = 256)."""
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if c.kwargs["BLOCK_S"] * bd <= 512 * c.num_warps]
-    return kept or configs[:1]
+# At most 16 elements of a [BLOCK_S, BLOCK_D] tile per thread (32 spill at D = 256).
+_prune = tile_pruner(16)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -74,7 +60,7 @@ def _restore_kernel(
         b_oc = tl.where(kept[:, None], b_kc, (mag_c[:, None] * b_e).to(out_ty))
         tl.store(oc_ptr + p_o, b_oc, mask=m_sd)
 
-_restore_autotuned = triton.autotune(configs=restore_configs(), key=["D", "BLOCK_D"],
+_restore_autotuned = triton.autotune(configs=token_tile_autotune_configs(), key=["D", "BLOCK_D"],
                                      prune_configs_by={"early_config_prune": _prune})(
                                          _restore_kernel)
 
@@ -118,7 +104,7 @@ def aot_specs() -> list:
                "so_b": "i64", "so_h": "i64", "so_s": "i64", "so_d": "i64",
                "WRITE_PREV": "constexpr", "WRITE_CUR": "constexpr",
                "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-        for cfg in _prune(restore_configs_full(), {}, BLOCK_D=bd):
+        for cfg in _prune(token_tile_configs(), {}, BLOCK_D=bd):
             bs = cfg.kwargs["BLOCK_S"]
             specs.append((f"restore[{dt},BD={bd},out={int(wp)}{int(wc)},BS={bs},"
                            f"w={cfg.num_warps}]", _restore_kernel, sig,
