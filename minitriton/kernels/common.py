@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -34,10 +36,13 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def pick_configs(full: list, interpreted: triton.Config) -> list:
-    """Autotune configs: the full list on a GPU, a single one under the interpreter (which
-    cannot benchmark: it has no active driver)."""
-    return [interpreted] if interpreter_enabled() else full
+def pick_configs(full: list, single: triton.Config) -> list:
+    """Autotune configs: the full list on a GPU; a single one under the interpreter (which
+    cannot benchmark: it has no active driver) or with MINITRITON_AUTOTUNE=0 (read at import;
+    e.g. for test runs on a GPU, where autotuning every drawn shape costs minutes)."""
+    if interpreter_enabled() or os.environ.get("MINITRITON_AUTOTUNE", "1") == "0":
+        return [single]
+    return full
 
 
 def token_tile_configs() -> list:
