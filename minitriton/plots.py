@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -38,12 +48,7 @@ def plot_similarity(sims: list, path, costs: Optional[list] = None) -> Path:
         ax.bar([c["pair"][0] for c in costs], [c["cost_pct"] for c in costs], color="tab:red")
         ax.set_ylabel("PPL change (%)\nmerging this pair alone")
     axes[-1][0].set_xlabel("pair (l, l+1): l")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_tradeoff(points: dict, path, full_ppl: Optional[float] = None,
@@ -69,9 +74,4 @@ def plot_tradeoff(points: dict, path, full_ppl: Optional[float] = None,
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
     ax.set_title(title or "MiniCache on SmolLM2-135M: quality against compression")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

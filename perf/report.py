@@ -197,17 +197,8 @@ def plot(rows: list[dict], env: dict, roofs: dict, prefix: Path) -> list[Path]:
             rs.sort(key=lambda r: r["in_bytes"])
             ax.plot([r["in_bytes"] for r in rs], [r["gbps"] for r in rs], marker="o",
                     linestyle="--" if prov == "copy" else "-", label=f"{prov} {dt}")
-        ax.set_xscale("log")
-        ax.set_xlabel("the op's input bytes (in_bytes)")
-        ax.set_ylabel("GB/s")
-        ax.set_title(op)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(stamp, fontsize=8)
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-bandwidth.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _axes(ax, "the op's input bytes (in_bytes)", "GB/s", op)
+    paths.append(_save(plt, fig, stamp, prefix, "bandwidth"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
     op_rows = [r for r in rows if r["provider"] == "op" and r["gflops"]]
@@ -226,16 +217,28 @@ def plot(rows: list[dict], env: dict, roofs: dict, prefix: Path) -> list[Path]:
             rs = [r for r in op_rows if r["op"] == op]
             ax.scatter([r["flops"] / r["bytes"] for r in rs], [r["gflops"] for r in rs],
                        label=op, s=18)
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title("roofline: measured copy bandwidth and matmul throughput", fontsize=9)
+    _axes(ax, "arithmetic intensity (FLOP / byte)", "GFLOP/s",
+          "roofline: measured copy bandwidth and matmul throughput", title_size=9)
+    paths.append(_save(plt, fig, stamp, prefix, "roofline"))
+    return paths
+
+
+def _axes(ax, xlabel: str, ylabel: str, title: str, title_size=None) -> None:
+    """Log x axis, labels, grid and legend of one panel."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _save(plt, fig, stamp: str, prefix: Path, kind: str) -> Path:
+    """Stamp, lay out, write `<prefix>-<kind>.png` and close the figure."""
     fig.suptitle(stamp, fontsize=8)
     fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-roofline.png"))
-    fig.savefig(paths[-1], dpi=110)
+    path = prefix.with_name(f"{prefix.name}-{kind}.png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path

@@ -68,3 +68,21 @@ def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, d_tol, assert_
     mask = m.retained
     assert torch.equal(xp_hat[mask], xp[mask]) and torch.equal(xc_hat[mask], xc[mask])
     return r
+
+
+def tiny_llama(**config):
+    """A randomly initialised LlamaForCausalLM (sdpa attention) built from `config`, for a
+    module-scoped fixture: yields it on one thread (a tiny model runs fastest there and does not
+    fight other processes for cores), then restores the thread count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(head_dim=16, **config)
+    cfg._attn_implementation = "sdpa"
+    try:
+        yield LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_num_threads(threads)
+

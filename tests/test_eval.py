@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 from minitriton.cache import MergePlan  # noqa: E402
 from minitriton.calibrate import calibrate, similarity  # noqa: E402
@@ -24,15 +24,9 @@ L = 4
 
 @pytest.fixture(scope="module")
 def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                      max_position_embeddings=1024)
-    cfg._attn_implementation = "sdpa"
-    yield LlamaForCausalLM(cfg).eval()
-    torch.set_num_threads(threads)
+    yield from tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=L, num_attention_heads=2, num_key_value_heads=1,
+                          max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from helpers import tiny_llama  # noqa: E402
 
 from minitriton.cache import PairSpec  # noqa: E402
 from minitriton.hf import (ATTENTION_NAME, MiniCacheHF, cache_kwargs,  # noqa: E402
@@ -18,17 +20,10 @@ L = 6
 
 @pytest.fixture(scope="module")
 def model():
-    # A tiny model runs fastest on one thread (and does not fight other processes for cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=L,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
-    yield LlamaForCausalLM(cfg).eval()
-    torch.set_num_threads(threads)
+    yield from tiny_llama(vocab_size=96, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
 
 
 def _ids(n, seed=0):
