@@ -17,8 +17,9 @@ import math
 
 import torch
 
-from .pair import MergedPair, _slots_from_mask
+from .pair import MergedPair
 from .reference import LERP_EPS, SIN_EPS
+from .retention import finish_merge
 
 # arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
 # ~sqrt(2e-6) near 0 and pi, where SLERP's weights are ill conditioned. Tokens whose angle is
@@ -31,8 +32,9 @@ _REFINE_NEAR = 1e-2
 _CHUNK_BYTES = 1 << 24
 
 
-def _refine_angles(omega, x_prev, x_cur, inv_p, inv_c):
-    """Recompute, in place, the angle of the tokens near 0 or pi from their directions."""
+def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
+    """Recompute, in place, the angle (and its cosine) of the tokens near 0 or pi from their
+    directions."""
     near = (omega < _REFINE_NEAR) | (omega > math.pi - _REFINE_NEAR)
     near &= (inv_p > 0) & (inv_c > 0)
     idx = torch.nonzero(near, as_tuple=True)
@@ -41,7 +43,7 @@ def _refine_angles(omega, x_prev, x_cur, inv_p, inv_c):
         u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
         omega[idx] = 2.0 * torch.atan2(torch.linalg.vector_norm(u_p - u_c, dim=-1),
                                        torch.linalg.vector_norm(u_p + u_c, dim=-1))
-    return omega
+        cos[idx] = torch.cos(omega[idx])
 
 
 def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
@@ -52,8 +54,8 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
     inv_p = torch.reciprocal(n_p).nan_to_num_(posinf=0.0)           # direction 0 for x = 0
     inv_c = torch.reciprocal(n_c).nan_to_num_(posinf=0.0)
     cos = (dot * inv_p).mul_(inv_c).clamp_(-1.0, 1.0)                # 0 when either is zero
-    omega = _refine_angles(torch.arccos(cos), x_prev, x_cur, inv_p, inv_c)
-    cos = torch.where(nonzero_p & nonzero_c, torch.cos(omega), cos)
+    omega = torch.arccos(cos)
+    _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c)
     sin = torch.sin(omega)
     safe = sin.abs() >= SIN_EPS
     inv_sin = torch.where(safe, torch.reciprocal(sin), 0.0)
@@ -144,19 +146,6 @@ def _like_view(y, ref_view):
     return y.view(-1, *y.shape[3:]) if ref_view.dim() == 2 else y
 
 
-def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) -> torch.Tensor:
-    """float32 `[B, H]`: a token is retained iff d > threshold (SPEC: strict).
-
-    d_max - (d_max - d_min) * gamma is non-increasing in gamma in floating point (each operation
-    rounds monotonically); clamping at d_min and pinning gamma = 1 to d_min exactly make
-    gamma = 1 retain all but the least distant token despite rounding.
-    """
-    if gamma >= 1.0:
-        return d_min.clone()
-    thr = d_max - (d_max - d_min) * gamma
-    return torch.maximum(thr, d_min)
-
-
 def gather_retained_torch(x_prev, x_cur, retained):
     """The retained tokens' originals, `[N, D]` each, rows in (b, h, s) order (index_select on
     a `[B*H*S, D]` view when the inputs flatten, else advanced indexing; never a full copy)."""
@@ -169,22 +158,6 @@ def gather_retained_torch(x_prev, x_cur, retained):
         except RuntimeError:
             out.append(x[idx // (H * S), (idx // S) % H, idx % S])
     return out[0], out[1]
-
-
-def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                 d_range, gather) -> MergedPair:
-    """Shared by both backends: retention from d and the row extremes, then the retained store.
-
-    The store is compact, so its size N is read on the host (one synchronisation)."""
-    if d_range is not None:
-        d_min = torch.minimum(d_min, d_range[0].to(d_min))
-        d_max = torch.maximum(d_max, d_range[1].to(d_max))
-    thr = retention_threshold(d_min, d_max, gamma)
-    retained = d > thr.unsqueeze(-1)
-    slot = _slots_from_mask(retained)
-    kept_prev, kept_cur = gather(x_prev, x_cur, retained)
-    return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,
-                      float(t), float(gamma), magnitude)
 
 
 def restore_torch(m: MergedPair, layer=None):

@@ -1,11 +1,11 @@
 """Compile every Triton kernel in every config ahead of time for real GPUs (sm_80 and sm_90),
 without a GPU, and read each cubin's registers, shared memory and spills.
 
-    python tests/aot_compile.py [--jobs N] [--cc 80 90]
+    python tests/aot_compile.py [--jobs N] [--cc 80 90] [--only REGEX]
 
 Prints one line per (kernel, config, target): registers, shared memory, spill bytes and stack
-frame, as ptxas reports them; exits 1 on a compile failure or any spill. Must run without TRITON_INTERPRET (the interpreter
-replaces @triton.jit functions). Used by tests/test_aot.py.
+frame, as ptxas reports them; exits 1 on a compile failure or any spill. Must run without
+TRITON_INTERPRET (the interpreter replaces @triton.jit functions). Used by tests/test_aot.py.
 """
 
 from __future__ import annotations

@@ -49,12 +49,17 @@ def tol(dtype: torch.dtype) -> dict:
     return TOL[dtype]
 
 
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, np.float64)
+
+
 def assert_close(actual, expected, dtype: torch.dtype, scale=None, what: str = "") -> None:
     """|actual - expected| <= atol * scale + rtol * |expected| elementwise, where scale (default
     1) broadcasts, e.g. per-token norms `[..., 1]`. Prints mismatch count, first indices and
     the max error on failure."""
-    a = actual.detach().double().cpu().numpy() if hasattr(actual, "detach") else np.asarray(actual, np.float64)
-    e = expected.detach().double().cpu().numpy() if hasattr(expected, "detach") else np.asarray(expected, np.float64)
+    a, e = _as_numpy(actual), _as_numpy(expected)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
     t = TOL[dtype]
     s = 1.0 if scale is None else np.asarray(scale, np.float64)
@@ -104,9 +109,9 @@ class _PoisonTorch:
         return self._fill(torch.empty_like(*args, **kwargs))
 
 
-_LIBRARY_MODULES = ["minitriton.torch_merge", "minitriton.kernels.merge",
-                    "minitriton.kernels.restore", "minitriton.kernels.decode",
-                    "minitriton.torch_decode", "minitriton.decode"]
+_LIBRARY_MODULES = ["minitriton.torch_merge", "minitriton.retention",
+                    "minitriton.kernels.merge", "minitriton.kernels.restore",
+                    "minitriton.kernels.decode", "minitriton.torch_decode", "minitriton.decode"]
 
 
 @pytest.fixture(autouse=True)

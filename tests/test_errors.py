@@ -134,7 +134,8 @@ def test_nothing_written_on_error(backend, pair):
     before = (xp.clone(), xc.clone())
     with pytest.raises(ValueError, match=r"d_range\[1\]: device meta"):
         minitriton.merge(xp, xc, 0.6, 0.05, "projection",
-                         d_range=(torch.zeros(1, 2, device=xp.device), torch.zeros(1, 2, device="meta")))
+                         d_range=(torch.zeros(1, 2, device=xp.device),
+                                  torch.zeros(1, 2, device="meta")))
     assert torch.equal(xp, before[0]) and torch.equal(xc, before[1])
 
 

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..pair import MergedPair
 from ..reference import LERP_EPS, SIN_EPS
+from ..retention import finish_merge
 from .common import (PI, atan2_nonneg, block_d, tile_pruner, token_tile_autotune_configs,
                      token_tile_configs)
 
@@ -151,8 +152,6 @@ def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: 
 def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
                  magnitude: str, d_range=None) -> MergedPair:
     """Launch pass 1, mark, gather. Arguments are validated by `minitriton.merge`."""
-    from ..torch_merge import finish_merge
-
     B, H, S, D = x_prev.shape
     dev = x_prev.device
     e = torch.empty((B, H, S, D), dtype=x_prev.dtype, device=dev)

@@ -1,0 +1,41 @@
+"""Retention, shared by both backends: which token pairs are kept as they were, and the
+MergedPair that holds the rest merged.
+
+    retained iff d > d_max - (d_max - d_min) * gamma      (per (b, h) row; SPEC.md)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pair import MergedPair, _slots_from_mask
+
+
+def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) -> torch.Tensor:
+    """float32 `[B, H]`: a token is retained iff d > threshold (SPEC: strict).
+
+    d_max - (d_max - d_min) * gamma is non-increasing in gamma in floating point (each operation
+    rounds monotonically); clamping at d_min and pinning gamma = 1 to d_min exactly make
+    gamma = 1 retain all but the least distant token despite rounding.
+    """
+    if gamma >= 1.0:
+        return d_min.clone()
+    thr = d_max - (d_max - d_min) * gamma
+    return torch.maximum(thr, d_min)
+
+
+def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
+                 d_range, gather) -> MergedPair:
+    """Retention from d and the row extremes, then the retained store (`gather` is the
+    backend's: it reads only the retained tokens).
+
+    The store is compact, so its size N is read on the host (one synchronisation)."""
+    if d_range is not None:
+        d_min = torch.minimum(d_min, d_range[0].to(d_min))
+        d_max = torch.maximum(d_max, d_range[1].to(d_max))
+    thr = retention_threshold(d_min, d_max, gamma)
+    retained = d > thr.unsqueeze(-1)
+    slot = _slots_from_mask(retained)
+    kept_prev, kept_cur = gather(x_prev, x_cur, retained)
+    return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,
+                      float(t), float(gamma), magnitude)
