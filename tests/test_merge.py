@@ -318,3 +318,30 @@ def test_restore_one_layer(backend, device, dtype):
     both = minitriton.restore(m)
     assert torch.equal(minitriton.restore(m, layer="prev"), both[0])
     assert torch.equal(minitriton.restore(m, layer="cur"), both[1])
+
+
+# ---- the torch path's chunks -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "sliced"])
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_torch_chunks_do_not_change_the_result(monkeypatch, dtype, layout, magnitude):
+    """On a CPU the torch path works through chunks of tokens: any chunk size, a short last
+    chunk included, gives the one-chunk result bit for bit, near-parallel, antiparallel and
+    zero tokens in later chunks included."""
+    from minitriton import torch_merge
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "torch")
+    xp, xc = make_pair(2, 3, 23, 48, dtype, "cpu", seed=51, layout=layout, outliers=2)
+    xc[1, 2, 17] = xp[1, 2, 17]                # parallel: angle refined
+    xc[1, 1, 20] = -xp[1, 1, 20]               # antiparallel at t = 0.5: degenerate
+    xp[0, 2, 22] = 0                           # a zero vector in the last chunk
+    monkeypatch.setattr(torch_merge, "_CHUNK_BYTES", 1 << 40)
+    whole = minitriton.merge(xp, xc, 0.5, 0.1, magnitude=magnitude)
+    assert whole.retained.any()
+    for tokens in (1, 5, 64):   # a multiple of nothing in the shape
+        monkeypatch.setattr(torch_merge, "_CHUNK_BYTES", 8 * 48 * tokens)
+        m = minitriton.merge(xp, xc, 0.5, 0.1, magnitude=magnitude)
+        for name in ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min",
+                     "d_max"):
+            assert torch.equal(getattr(m, name), getattr(whole, name)), (tokens, name)
+    check_merge_against_reference(m, xp, xc, 0.5, 0.1, magnitude, D_TOL, assert_close)
