@@ -28,6 +28,7 @@ fall back to restore + sdpa.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -134,6 +135,7 @@ class MiniCacheHF(Cache):
         self._config = config
         self.fused_decode = bool(fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
+        self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
 
     @property
@@ -222,15 +224,29 @@ def cache_kwargs(model, cache) -> dict:
 
 
 # ---- the attention function --------------------------------------------------------------------
-def _mask_is_open(mask) -> bool:
-    """True when the mask hides no cached token from a one-token query."""
+def _mask_hides_nothing(mask: torch.Tensor) -> bool:
+    """The mask's verdict (a host synchronisation when it lives on a GPU)."""
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
+
+
+def _mask_is_open(mask, owner) -> bool:
+    """True when the mask hides no cached token from a one-token query.
+
+    All layers of one forward get the same mask tensor: its verdict is kept on `owner` and
+    reused while the tensor is the same object at the same version (not edited in place), so a
+    decode step synchronises with the host once, not once per merged layer."""
     if mask is None:
         return True
     if not isinstance(mask, torch.Tensor):
         return False
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == 0).all())
+    memo = owner._mask_memo
+    if memo is not None and memo[0]() is mask and memo[1] == mask._version:
+        return memo[2]
+    verdict = _mask_hides_nothing(mask)
+    owner._mask_memo = (weakref.ref(mask), mask._version, verdict)
+    return verdict
 
 
 def minitriton_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -249,7 +265,7 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     # decode_attention has no logit soft-capping and no sliding window: such layers restore.
     plain = (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
              and getattr(module, "attn_logit_softcapping", None) is None)
-    if plain and query.shape[2] == 1 and _mask_is_open(attention_mask):
+    if plain and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
         k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
                              v_tail=v_extra, sm_scale=scaling)

@@ -115,3 +115,22 @@ def test_crop_and_batch_edits(model):
     assert torch.equal(cache.core.get(3)[0], before[[1, 0]][:, :, :13])
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
+
+
+def test_mask_verdict_once_per_mask(model, monkeypatch):
+    """The layers of a step share one mask: its verdict (a host sync on a GPU) is computed once
+    per mask tensor, and again when the tensor is another one or was edited in place."""
+    from minitriton import hf
+
+    calls = []
+    real = hf._mask_hides_nothing
+    monkeypatch.setattr(hf, "_mask_hides_nothing", lambda m: calls.append(1) or real(m))
+    owner = MiniCacheHF(model.config)
+    mask = torch.zeros(2, 1, 1, 9)
+    assert all(hf._mask_is_open(mask, owner) for _ in range(L)) and len(calls) == 1
+    mask[1, 0, 0, 0] = float("-inf")               # edited in place: a new version
+    assert not hf._mask_is_open(mask, owner) and len(calls) == 2
+    other = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    assert hf._mask_is_open(other, owner) and hf._mask_is_open(other, owner)
+    assert len(calls) == 3
+    assert hf._mask_is_open(None, owner) and not hf._mask_is_open("causal", owner)
