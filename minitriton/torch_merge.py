@@ -114,10 +114,13 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         else:
             xp32 = scratch[1][_head(idx)].copy_(xp_v[idx])
             xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
+        # The product first: one op streams both inputs in, the norms then read them from
+        # cache. The dot is a sum over the contiguous product: the same rounding for every
+        # input layout.
+        torch.mul(xp32, xc32, out=prod)
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_v[idx])
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_v[idx])
-        # The dot as a sum over a contiguous product: the same rounding for every input layout.
-        torch.sum(torch.mul(xp32, xc32, out=prod), dim=-1, out=dot_v[idx])
+        torch.sum(prod, dim=-1, out=dot_v[idx])
     a, b, d = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
     a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
     for idx in chunks:
