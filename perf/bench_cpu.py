@@ -9,8 +9,8 @@
 
 Both run in one process: after a warm-up, the op and its baselines are called in turn,
 ROUNDS times, and each one's median is reported; the verdict is on the ratio of the medians,
-and the median of the per-round ratios is reported beside it. Results are printed and written as
-bench_cpu.md and bench_cpu.json (bench_cpu-tN.* with --threads N) into DIR (default
+and the median of the per-round ratios is reported beside it. Results are printed and written
+as bench_cpu.md and bench_cpu.json (bench_cpu-tN.* with --threads N) into DIR (default
 perf/results/cpu/). --profile adds the torch profiler's table of the torch ops that dominate
 each op and baseline.
 """
@@ -83,8 +83,9 @@ def run_check(name, point, baseline, target, goal, profile_ops: bool) -> dict:
     verdict = "GOAL" if ratio <= goal else "PASS" if ratio <= target else "MISS"
     result = {
         "name": name, "point": f"{point.dtype_name} {point.label}", "baseline": baseline,
-        "ratio": ratio, "paired_ratio": {"median": paired.median_ms, "p20": paired.p20_ms,
-                                          "p80": paired.p80_ms}, "target": target, "goal": goal, "verdict": verdict,
+        "ratio": ratio,
+        "paired_ratio": {"median": paired.median_ms, "p20": paired.p20_ms, "p80": paired.p80_ms},
+        "target": target, "goal": goal, "verdict": verdict,
         "ms": {n: {"median": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms}
                for n, t in timings.items()},
     }
