@@ -8,9 +8,11 @@ the restored cache `[B, H, S, D]` is never built. With mag the chosen layer's ma
 
 and the few retained tokens are fixed up afterwards from their rows of the retained store:
 their scores are recomputed as q . kept, and their value terms replaced by p * kept. Which
-(b, h, s) a store row belongs to is found with a scatter rather than `nonzero`, so this path
-does not synchronise with the host either (it matters when it runs on CUDA tensors).
-All arithmetic in float32; a half-precision cache is upcast for the matmuls.
+(b, h, s) a store row belongs to is found with a scatter rather than `nonzero` off a CPU, so
+this path does not synchronise with the host either (it matters when it runs on CUDA tensors).
+All arithmetic in float32. A half-precision e is upcast for the matmuls; on a CPU that goes
+chunk by chunk along S through one reused float32 buffer (`_UPCAST_BYTES`), since a float32 copy
+of the whole of e, fresh at every step, would cost more than the attention.
 """
 
 from __future__ import annotations
@@ -19,19 +21,42 @@ import torch
 
 from .pair import MergedPair
 
+# float32 bytes of e upcast at a time on a CPU (half-precision e): [B, H, chunk, D].
+_UPCAST_BYTES = 1 << 21
 
-def _retained_index(slot: torch.Tensor, num_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _retained_index(slot: torch.Tensor, num_kept: int,
+                    sync_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(bh, s) int64 [N] of each retained-store row, from slot [B, H, S] (rows in (b, h, s) order).
 
-    Row r sits where slot == r; non-retained tokens are scattered into a spare last entry.
+    sync_free: with a scatter (row r sits where slot == r; the other tokens go to a spare last
+    entry) rather than `nonzero`, which reads its count on the host: for CUDA tensors. On a
+    CPU `nonzero` is cheaper.
     """
     S = slot.shape[-1]
     flat = slot.reshape(-1)
-    target = torch.where(flat >= 0, flat.long(), num_kept)
-    pos = torch.empty(num_kept + 1, dtype=torch.long, device=slot.device)
-    pos.scatter_(0, target, torch.arange(flat.numel(), device=slot.device))
-    pos = pos[:num_kept]
+    if not sync_free:
+        pos = torch.nonzero(flat >= 0).view(-1)
+    else:
+        target = torch.where(flat >= 0, flat.long(), num_kept)
+        pos = torch.empty(num_kept + 1, dtype=torch.long, device=slot.device)
+        pos.scatter_(0, target, torch.arange(flat.numel(), device=slot.device))
+        pos = pos[:num_kept]
     return pos // S, pos % S
+
+
+def _e_chunks(e: torch.Tensor):
+    """(slice of S, float32 `[B, H, s, D]`) over e: the whole of e when it is float32 (no copy)
+    or off a CPU, else chunks of S upcast into one reused buffer."""
+    B, H, S, D = e.shape
+    if e.dtype == torch.float32 or e.device.type != "cpu" or S == 0:
+        yield slice(0, S), e.to(torch.float32)
+        return
+    step = max(1, _UPCAST_BYTES // (4 * B * H * D))
+    buf = torch.empty((B, H, min(step, S), D), dtype=torch.float32, device=e.device)
+    for s0 in range(0, S, step):
+        n = min(S, s0 + step) - s0
+        yield slice(s0, s0 + n), buf[:, :, :n].copy_(e[:, :, s0:s0 + n])
 
 
 def _layer(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +75,11 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
 
     # Scores of merged tokens: mag_j (q . e_j), then the retained ones from their originals.
     mag_k, kept_k = _layer(k, layer)
-    s = torch.matmul(qg, k.e.to(f32).transpose(-1, -2))                      # [B, H, G, S]
+    parts = [torch.matmul(qg, e32.transpose(-1, -2)) for _, e32 in _e_chunks(k.e)]
+    s = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)           # [B, H, G, S]
     s.mul_(mag_k.unsqueeze(2))
     if kept_k.shape[0]:
-        bh, pos = _retained_index(k.slot, kept_k.shape[0])
+        bh, pos = _retained_index(k.slot, kept_k.shape[0], dev.type != "cpu")
         q_rows = qg.reshape(B * H, G, D)[bh]                                 # [N, G, D]
         s.view(B * H, G, S)[bh, :, pos] = torch.einsum("ngd,nd->ng", q_rows, kept_k.to(f32))
     if seq_lens is not None:
@@ -79,10 +105,13 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     mag_v, kept_v = _layer(v, layer)
     pm = p * mag_v.unsqueeze(2)
     if kept_v.shape[0]:
-        bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0])
+        bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0], dev.type != "cpu")
         p_ret = p.view(B * H, G, S)[bh_v, :, pos_v]                          # [N, G]
         pm.view(B * H, G, S)[bh_v, :, pos_v] = 0.0
-    o = torch.matmul(pm, v.e.to(f32))                                        # [B, H, G, D]
+    o = None                                                                 # [B, H, G, D]
+    for sl, e32 in _e_chunks(v.e):
+        part = torch.matmul(pm[..., sl], e32)
+        o = part if o is None else o.add_(part)
     if kept_v.shape[0]:
         o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kept_v.to(f32).unsqueeze(1))
     if has_tail:

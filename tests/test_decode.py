@@ -192,6 +192,41 @@ def test_num_splits(device, monkeypatch, num_splits):
             tail_lens=i32([6, 1], device))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_torch_upcast_chunks(monkeypatch, dtype, tokens):
+    """On a CPU the torch path upcasts a half-precision e chunk by chunk along S: any chunk
+    length (a short last chunk included) matches the reference, with retained tokens and
+    ragged lengths."""
+    from minitriton import torch_decode
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "torch")
+    c = Case(B=2, H=2, G=3, S=45, T=4, D=48, dtype=dtype, device="cpu", seed=tokens)
+    assert c.k.num_retained > 0 and c.v.num_retained > 0
+    seq_lens, tail_lens = i32([45, 30], "cpu"), i32([4, 1], "cpu")
+    monkeypatch.setattr(torch_decode, "_UPCAST_BYTES", 4 * 2 * 2 * 48 * tokens)
+    assert len(list(torch_decode._e_chunks(c.k.e))) == -(-45 // tokens)
+    for layer in ("prev", "cur"):
+        c.check(layer, seq_lens=seq_lens, tail_lens=tail_lens)
+
+
+@given(B=st.integers(1, 3), H=st.integers(1, 3), S=st.integers(0, 40), p=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_retained_index_two_ways(B, H, S, p, seed):
+    """The torch path's two ways to find each retained-store row's (bh, s): the scatter that
+    CUDA tensors use (no host synchronisation) and `nonzero` on a CPU agree."""
+    from minitriton.torch_decode import _retained_index
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, H, S, generator=g) < p
+    slot = _slots_from_mask(mask)
+    n = int(mask.sum())
+    bh, s = _retained_index(slot, n, sync_free=False)
+    bh2, s2 = _retained_index(slot, n, sync_free=True)
+    assert torch.equal(bh, bh2) and torch.equal(s, s2) and bh.shape == (n,)
+    assert mask.reshape(B * H, S)[bh, s].all()
+
+
 def test_poisoned_buffers_are_fully_written(device, monkeypatch):
     """Given NaN-filled outputs and partials, the kernels write every element they own."""
     monkeypatch.setenv("MINITRITON_BACKEND", "triton")
