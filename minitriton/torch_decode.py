@@ -10,19 +10,16 @@ and the few retained tokens are fixed up afterwards from their rows of the retai
 their scores are recomputed as q . kept, and their value terms replaced by p * kept. Which
 (b, h, s) a store row belongs to is found with a scatter rather than `nonzero` off a CPU, so
 this path does not synchronise with the host either (it matters when it runs on CUDA tensors).
-All arithmetic in float32. A half-precision e is upcast for the matmuls; on a CPU that goes
-chunk by chunk along S through one reused float32 buffer (`_UPCAST_BYTES`), since a float32 copy
-of the whole of e, fresh at every step, would cost more than the attention.
+All arithmetic in float32. A half-precision e is upcast for the matmuls, on a CPU chunk by
+chunk along S (`minitriton._upcast`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._upcast import upcast_chunks
 from .pair import MergedPair
-
-# float32 bytes of e upcast at a time on a CPU (half-precision e): [B, H, chunk, D].
-_UPCAST_BYTES = 1 << 21
 
 
 def _retained_index(slot: torch.Tensor, num_kept: int,
@@ -45,20 +42,6 @@ def _retained_index(slot: torch.Tensor, num_kept: int,
     return pos // S, pos % S
 
 
-def _e_chunks(e: torch.Tensor):
-    """(slice of S, float32 `[B, H, s, D]`) over e: the whole of e when it is float32 (no copy)
-    or off a CPU, else chunks of S upcast into one reused buffer."""
-    B, H, S, D = e.shape
-    if e.dtype == torch.float32 or e.device.type != "cpu" or S == 0:
-        yield slice(0, S), e.to(torch.float32)
-        return
-    step = max(1, _UPCAST_BYTES // (4 * B * H * D))
-    buf = torch.empty((B, H, min(step, S), D), dtype=torch.float32, device=e.device)
-    for s0 in range(0, S, step):
-        n = min(S, s0 + step) - s0
-        yield slice(s0, s0 + n), buf[:, :, :n].copy_(e[:, :, s0:s0 + n])
-
-
 def _layer(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
 
@@ -75,7 +58,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
 
     # Scores of merged tokens: mag_j (q . e_j), then the retained ones from their originals.
     mag_k, kept_k = _layer(k, layer)
-    parts = [torch.matmul(qg, e32.transpose(-1, -2)) for _, e32 in _e_chunks(k.e)]
+    parts = [torch.matmul(qg, e32.transpose(-1, -2)) for _, e32 in upcast_chunks(k.e)]
     s = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)           # [B, H, G, S]
     s.mul_(mag_k.unsqueeze(2))
     if kept_k.shape[0]:
@@ -109,7 +92,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
         p_ret = p.view(B * H, G, S)[bh_v, :, pos_v]                          # [N, G]
         pm.view(B * H, G, S)[bh_v, :, pos_v] = 0.0
     o = None                                                                 # [B, H, G, D]
-    for sl, e32 in _e_chunks(v.e):
+    for sl, e32 in upcast_chunks(v.e):
         part = torch.matmul(pm[..., sl], e32)
         o = part if o is None else o.add_(part)
     if kept_v.shape[0]:

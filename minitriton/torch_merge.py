@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._upcast import chunked, upcast_chunks
 from .pair import MergedPair
 from .reference import LERP_EPS, SIN_EPS
 from .retention import finish_merge
@@ -188,13 +189,18 @@ def gather_retained_torch(x_prev, x_cur, retained):
 
 
 def restore_torch(m: MergedPair, layer=None):
-    """See `minitriton.restore`."""
-    e32 = m.e.float()
+    """See `minitriton.restore`. mag * e in float32, rounded once to the dtype; a
+    half-precision e on a CPU goes chunk by chunk through a reused float32 buffer."""
     outs = []
     for name, mag, kept in (("prev", m.mag_prev, m.kept_prev), ("cur", m.mag_cur, m.kept_cur)):
         if layer not in (None, name):
             continue
-        x = (e32 * mag.unsqueeze(-1)).to(m.dtype)
+        if chunked(m.e):
+            x = torch.empty(m.shape, dtype=m.dtype, device=m.device)
+            for sl, e32 in upcast_chunks(m.e):
+                x[:, :, sl] = e32.mul_(mag[:, :, sl].unsqueeze(-1))
+        else:
+            x = (m.e.float() * mag.unsqueeze(-1)).to(m.dtype)
         if kept.shape[0]:
             x[m.retained] = kept
         outs.append(x)

@@ -198,14 +198,14 @@ def test_torch_upcast_chunks(monkeypatch, dtype, tokens):
     """On a CPU the torch path upcasts a half-precision e chunk by chunk along S: any chunk
     length (a short last chunk included) matches the reference, with retained tokens and
     ragged lengths."""
-    from minitriton import torch_decode
+    from minitriton import _upcast
 
     monkeypatch.setenv("MINITRITON_BACKEND", "torch")
     c = Case(B=2, H=2, G=3, S=45, T=4, D=48, dtype=dtype, device="cpu", seed=tokens)
     assert c.k.num_retained > 0 and c.v.num_retained > 0
     seq_lens, tail_lens = i32([45, 30], "cpu"), i32([4, 1], "cpu")
-    monkeypatch.setattr(torch_decode, "_UPCAST_BYTES", 4 * 2 * 2 * 48 * tokens)
-    assert len(list(torch_decode._e_chunks(c.k.e))) == -(-45 // tokens)
+    monkeypatch.setattr(_upcast, "UPCAST_BYTES", 4 * 2 * 2 * 48 * tokens)
+    assert len(list(_upcast.upcast_chunks(c.k.e))) == -(-45 // tokens)
     for layer in ("prev", "cur"):
         c.check(layer, seq_lens=seq_lens, tail_lens=tail_lens)
 

@@ -345,3 +345,29 @@ def test_torch_chunks_do_not_change_the_result(monkeypatch, dtype, layout, magni
                      "d_max"):
             assert torch.equal(getattr(m, name), getattr(whole, name)), (tokens, name)
     check_merge_against_reference(m, xp, xc, 0.5, 0.1, magnitude, D_TOL, assert_close)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_torch_restore_chunks_do_not_change_the_result(monkeypatch, dtype, layout):
+    """On a CPU the torch path restores a half-precision pair chunk by chunk along S (through a
+    reused float32 buffer): any chunk length gives the one-piece result bit for bit, and the
+    retained tokens exactly."""
+    import dataclasses
+
+    from minitriton import _upcast
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "torch")
+    xp, xc = make_pair(2, 3, 19, 40, dtype, "cpu", seed=61, outliers=2)
+    m = minitriton.merge(xp, xc, 0.6, 0.2)
+    if layout == "bshd":    # e held as a [B, S, H, D] buffer
+        m = dataclasses.replace(m, e=m.e.transpose(1, 2).contiguous().transpose(1, 2))
+    whole = [(m.e.float() * mag.unsqueeze(-1)).to(dtype) for mag in (m.mag_prev, m.mag_cur)]
+    for x, src in zip(whole, (xp, xc)):
+        x[m.retained] = src[m.retained]
+    for tokens in (1, 4, 19, 64):
+        monkeypatch.setattr(_upcast, "UPCAST_BYTES", 4 * 2 * 3 * 40 * tokens)
+        assert len(list(_upcast.upcast_chunks(m.e))) == -(-19 // tokens)
+        for got, want in zip(minitriton.restore(m), whole):
+            assert torch.equal(got, want), tokens
+        assert torch.equal(minitriton.restore(m, layer="cur"), whole[1])
