@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-# float32 bytes upcast at a time: [B, H, chunk, D].
+# float32 bytes upcast at a time: [B, H, chunk, D], but never fewer tokens than MIN_TOKENS
+# (a large B * H * D would otherwise make one small matmul per token).
 UPCAST_BYTES = 1 << 21
+MIN_TOKENS = 32
 
 
 def upcast_chunks(e: torch.Tensor):
@@ -25,7 +27,7 @@ def upcast_chunks(e: torch.Tensor):
     if not chunked(e):
         yield slice(0, S), e.to(torch.float32)
         return
-    step = max(1, UPCAST_BYTES // (4 * B * H * D))
+    step = max(MIN_TOKENS, UPCAST_BYTES // (4 * B * H * D))
     buf = torch.empty((B, H, min(step, S), D), dtype=torch.float32, device=e.device)
     for s0 in range(0, S, step):
         n = min(S, s0 + step) - s0
@@ -33,6 +35,6 @@ def upcast_chunks(e: torch.Tensor):
 
 
 def chunked(e: torch.Tensor) -> bool:
-    """True when `upcast_chunks(e)` yields reused float32 buffers (a half-precision e with
-    tokens, on a CPU)."""
-    return e.dtype != torch.float32 and e.device.type == "cpu" and e.shape[2] > 0
+    """True when `upcast_chunks(e)` yields reused float32 buffers (a non-empty half-precision e
+    on a CPU)."""
+    return e.dtype != torch.float32 and e.device.type == "cpu" and e.numel() > 0

@@ -236,11 +236,14 @@ def _mask_is_open(mask, owner) -> bool:
 
     All layers of one forward get the same mask tensor: its verdict is kept on `owner` and
     reused while the tensor is the same object at the same version (not edited in place), so a
-    decode step synchronises with the host once, not once per merged layer."""
+    decode step synchronises with the host once, not once per merged layer. A tensor made under
+    `torch.inference_mode()` has no version counter: its verdict is computed every time."""
     if mask is None:
         return True
     if not isinstance(mask, torch.Tensor):
         return False
+    if mask.is_inference():
+        return _mask_hides_nothing(mask)
     memo = owner._mask_memo
     if memo is not None and memo[0]() is mask and memo[1] == mask._version:
         return memo[2]

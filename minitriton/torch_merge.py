@@ -116,8 +116,8 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
             xp32 = scratch[1][_head(idx)].copy_(xp_v[idx])
             xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
         # The product first: one op streams both inputs in, the norms then read them from
-        # cache. The dot is a sum over the contiguous product: the same rounding for every
-        # input layout.
+        # cache. The dot sums the contiguous product, so its rounding does not depend on the
+        # inputs' strides (the norms' may, by an ulp, when D itself is strided).
         torch.mul(xp32, xc32, out=prod)
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_v[idx])
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_v[idx])

@@ -204,6 +204,9 @@ def test_torch_upcast_chunks(monkeypatch, dtype, tokens):
     c = Case(B=2, H=2, G=3, S=45, T=4, D=48, dtype=dtype, device="cpu", seed=tokens)
     assert c.k.num_retained > 0 and c.v.num_retained > 0
     seq_lens, tail_lens = i32([45, 30], "cpu"), i32([4, 1], "cpu")
+    monkeypatch.setattr(_upcast, "UPCAST_BYTES", 1)      # the floor: MIN_TOKENS a chunk
+    assert len(list(_upcast.upcast_chunks(c.k.e))) == -(-45 // _upcast.MIN_TOKENS)
+    monkeypatch.setattr(_upcast, "MIN_TOKENS", 1)
     monkeypatch.setattr(_upcast, "UPCAST_BYTES", 4 * 2 * 2 * 48 * tokens)
     assert len(list(_upcast.upcast_chunks(c.k.e))) == -(-45 // tokens)
     for layer in ("prev", "cur"):

@@ -134,3 +134,32 @@ def test_mask_verdict_once_per_mask(model, monkeypatch):
     assert hf._mask_is_open(other, owner) and hf._mask_is_open(other, owner)
     assert len(calls) == 3
     assert hf._mask_is_open(None, owner) and not hf._mask_is_open("causal", owner)
+    with torch.inference_mode():               # no version counter: no memo, every call counts
+        inf = torch.zeros(2, 1, 1, 9)
+        assert hf._mask_is_open(inf, owner) and hf._mask_is_open(inf, owner)
+        inf[0, 0, 0, 3] = float("-inf")
+        assert not hf._mask_is_open(inf, owner)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_generate_with_padding_and_fused_decode(model, mode):
+    """Left padding (a mask that hides cached tokens) under no_grad and inference_mode: the
+    fused attention falls back to restore + sdpa there and agrees with the plain cache."""
+    ids = torch.cat([_ids(16, seed=8), _ids(16, seed=9)])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    outs = []
+    cfg = model.config._attn_implementation
+    for fused in (False, True):
+        cache = MiniCacheHF(model.config, window=4)
+        try:
+            if fused:
+                use_minitriton_attention(model)
+            with getattr(torch, mode)():
+                outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                           min_new_tokens=5, do_sample=False, pad_token_id=0,
+                                           **cache_kwargs(model, cache)))
+        finally:
+            model.set_attn_implementation(cfg)
+    assert torch.equal(outs[0], outs[1])

@@ -299,6 +299,20 @@ def test_empty_sequence(backend, device):
     assert a.shape == (2, 3, 0, 32) and b.shape == (2, 3, 0, 32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,H", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads(backend, device, dtype, B, H):
+    """No sequences or no heads: merge, restore and decode give empty results."""
+    xp, xc = make_pair(B, H, 5, 16, dtype, device)
+    m = minitriton.merge(xp, xc, 0.6, 0.5)
+    assert m.shape == (B, H, 5, 16) and m.num_retained == 0
+    for x in minitriton.restore(m):
+        assert x.shape == (B, H, 5, 16) and x.dtype == dtype
+    if H:
+        q = torch.randn(B, 2 * H, 16).to(dtype).to(device)
+        assert minitriton.decode_attention(q, m, m, layer="cur").shape == (B, 2 * H, 16)
+
+
 def test_restore_of_strided_pair(backend, device):
     """A hand-built pair whose e is a strided view restores like its contiguous twin."""
     import dataclasses
@@ -334,7 +348,7 @@ def test_torch_chunks_do_not_change_the_result(monkeypatch, dtype, layout, magni
     xp, xc = make_pair(2, 3, 23, 48, dtype, "cpu", seed=51, layout=layout, outliers=2)
     xc[1, 2, 17] = xp[1, 2, 17]                # parallel: angle refined
     xc[1, 1, 20] = -xp[1, 1, 20]               # antiparallel at t = 0.5: degenerate
-    xp[0, 2, 22] = 0                           # a zero vector in the last chunk
+    xp[0, 2, 22] = 0                           # a zero vector in a later chunk
     monkeypatch.setattr(torch_merge, "_CHUNK_BYTES", 1 << 40)
     whole = minitriton.merge(xp, xc, 0.5, 0.1, magnitude=magnitude)
     assert whole.retained.any()
@@ -365,6 +379,7 @@ def test_torch_restore_chunks_do_not_change_the_result(monkeypatch, dtype, layou
     whole = [(m.e.float() * mag.unsqueeze(-1)).to(dtype) for mag in (m.mag_prev, m.mag_cur)]
     for x, src in zip(whole, (xp, xc)):
         x[m.retained] = src[m.retained]
+    monkeypatch.setattr(_upcast, "MIN_TOKENS", 1)
     for tokens in (1, 4, 19, 64):
         monkeypatch.setattr(_upcast, "UPCAST_BYTES", 4 * 2 * 3 * 40 * tokens)
         assert len(list(_upcast.upcast_chunks(m.e))) == -(-19 // tokens)
