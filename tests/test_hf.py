@@ -162,4 +162,5 @@ def test_generate_with_padding_and_fused_decode(model, mode):
                                            **cache_kwargs(model, cache)))
         finally:
             model.set_attn_implementation(cfg)
+    assert cache.fused_steps == 0 and cache.core.merged_pairs(3)[0].shape[2] > 0
     assert torch.equal(outs[0], outs[1])
