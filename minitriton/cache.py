@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from .merge import merge, restore
-from .pair import MergedPair
+from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
 
 __all__ = ["MiniCache", "MergePlan", "PairSpec", "DEFAULT_T", "DEFAULT_GAMMA", "DEFAULT_WINDOW",
@@ -65,11 +65,8 @@ def _reindex(m: MergedPair, sel) -> MergedPair:
     slot = pick(m.slot)
     retained = slot >= 0
     old_rows = slot[retained].long()          # row-major over the new [B, H, S]: the new order
-    flat = retained.reshape(-1)
-    new_slot = torch.where(flat, torch.cumsum(flat.int(), 0, dtype=torch.int32) - 1,
-                           torch.full_like(flat, -1, dtype=torch.int32)).reshape(retained.shape)
     return replace(m, e=pick(m.e).contiguous(), mag_prev=pick(m.mag_prev).contiguous(),
-                   mag_cur=pick(m.mag_cur).contiguous(), slot=new_slot.contiguous(),
+                   mag_cur=pick(m.mag_cur).contiguous(), slot=_slots_from_mask(retained),
                    kept_prev=m.kept_prev[old_rows], kept_cur=m.kept_cur[old_rows],
                    d_min=m.d_min[b_idx].contiguous(), d_max=m.d_max[b_idx].contiguous())
 
@@ -353,18 +350,20 @@ class MiniCache:
 
     def layer_dense_nbytes(self, layer: int) -> int:
         """Bytes of the layer's keys and values as dense `[B, H, seq_len, D]` tensors."""
-        k, v = self._shape_ref(layer)
+        k, v = self.shape_ref(layer)
         if k is None:
             return 0
         n = self.seq_len(layer)
         return n * (k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
                     + v.shape[0] * v.shape[1] * v.shape[3] * v.element_size())
 
-    def _shape_ref(self, layer: int):
+    def shape_ref(self, layer: int):
+        """Some (keys, values) tensors held for `layer`, with its states' batch, heads, head
+        dims, dtype and device, found without restoring anything; (None, None) when empty."""
         pair, side = self._locate(layer)
         if pair is None:
             return self._dense_k[layer], self._dense_v[layer]
-        if pair.pending is not None:
+        if side == 0 and pair.pending is not None:
             return pair.pending
         for k, v in ((pair.sink_k[side], pair.sink_v[side]), (pair.tail_k[side], pair.tail_v[side]),
                      (pair.mean_k, pair.mean_v)):
@@ -440,7 +439,3 @@ class MiniCache:
     def reset(self) -> None:
         """Drop every stored token (the plan and window stay)."""
         self.__init__(self.num_layers, self.plan, window=self.window)
-
-
-__all__ = ["MiniCache", "MergePlan", "PairSpec", "DEFAULT_T", "DEFAULT_GAMMA", "DEFAULT_WINDOW",
-           "METHODS"]

@@ -115,7 +115,7 @@ def cmd_demo(args) -> int:
     from transformers import DynamicCache
 
     from .calibrate import shipped_order, shipped_plans, similarity
-    from .evaluate import evaluate_plans, format_table, prefill, token_windows
+    from .evaluate import default_configs, evaluate_plans, format_table, prefill, token_windows
     from .hf import MiniCacheHF, use_minitriton_attention
     from .plots import plot_similarity, plot_tradeoff
 
@@ -141,9 +141,7 @@ def cmd_demo(args) -> int:
     ids = tok(text).input_ids
     wins = token_windows(ids, args.windows)
     pre = [prefill(model, w.prefix) for w in wins]
-    configs = {"full": MergePlan([]), "minicache": MergePlan.paper(L),
-               "minicache-proj": MergePlan.paper(L, magnitude="projection"),
-               "mean": MergePlan.paper(L, method="mean"), **shipped}
+    configs = default_configs(L, shipped)
     curves = {"minicache": {}, "minicache-proj": {}, "mean": {}}
     for s in (L - 3, L - 7, L - 11):
         curves["minicache"][f"minicache@{s}"] = MergePlan.paper(L, start=s)

@@ -66,24 +66,13 @@ def default_configs(num_layers: int, calibrated: Optional[dict] = None) -> dict:
 
 def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
     """Logits `[S, V]` (or `[1, V]` with last_only) of one forward over `cache`."""
-    from .hf import cache_kwargs
+    from .hf import cache_kwargs, forward_params
     kwargs = cache_kwargs(model, cache)
-    if last_only and "logits_to_keep" in _params(model):
+    if last_only and "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=ids, use_cache=True, **kwargs)
     logits = out.logits[0]
     return logits[-1:] if last_only else logits
-
-
-_PARAMS: dict = {}
-
-
-def _params(model):
-    key = type(model)
-    if key not in _PARAMS:
-        import inspect
-        _PARAMS[key] = set(inspect.signature(model.forward).parameters)
-    return _PARAMS[key]
 
 
 @torch.no_grad()

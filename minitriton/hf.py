@@ -70,7 +70,7 @@ class MiniCacheLayer(CacheLayerMixin):
 
     @property
     def device(self):
-        k = self.keys
+        k = self._owner.core.shape_ref(self._idx)[0]
         return None if k is None else k.device
 
     def lazy_initialization(self, key_states, value_states=None) -> None:
@@ -196,7 +196,7 @@ class MiniCacheHF(Cache):
 
     def _batch_size(self) -> int:
         for i in range(self.core.num_layers):
-            k = self.core.get(i)[0]
+            k = self.core.shape_ref(i)[0]
             if k is not None:
                 return int(k.shape[0])
         return 0
@@ -215,12 +215,22 @@ class MiniCacheHF(Cache):
             self.core.select_batch(torch.arange(B).repeat_interleave(repeats))
 
 
+_FORWARD_PARAMS: dict = {}
+
+
+def forward_params(model) -> set:
+    """The names of the parameters of `model.forward` (looked up once per model class)."""
+    key = type(model)
+    if key not in _FORWARD_PARAMS:
+        import inspect
+        _FORWARD_PARAMS[key] = set(inspect.signature(model.forward).parameters)
+    return _FORWARD_PARAMS[key]
+
+
 def cache_kwargs(model, cache) -> dict:
     """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.x), else
     `{"past_key_values": cache}`."""
-    import inspect
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return {"cache": cache} if "cache" in forward_params(model) else {"past_key_values": cache}
 
 
 # ---- the attention function --------------------------------------------------------------------

@@ -159,6 +159,11 @@ class MergedPair:
 _TENSOR_FIELDS = ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max")
 
 
+def _layer_parts(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(magnitudes `[B, H, S]`, retained originals `[N, D]`) of layer "prev" or "cur"."""
+    return (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
+
+
 def _slots_from_mask(retained: torch.Tensor) -> torch.Tensor:
     """int32 `[B, H, S]`: the row of each retained token in a (b, h, s)-ordered store, else -1."""
     flat = retained.reshape(-1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._upcast import upcast_chunks
-from .pair import MergedPair
+from .pair import MergedPair, _layer_parts
 
 
 def _retained_index(slot: torch.Tensor, num_kept: int,
@@ -42,10 +42,6 @@ def _retained_index(slot: torch.Tensor, num_kept: int,
     return pos // S, pos % S
 
 
-def _layer(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
-
-
 def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer: str,
                            k_tail, v_tail, seq_lens, tail_lens, sm_scale: float):
     """(o [B, Hq, D] in q.dtype, lse [B, Hq] float32). Arguments are validated by the caller."""
@@ -57,7 +53,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     qg = q.reshape(B, H, G, D).to(f32) * sm_scale                            # [B, H, G, D]
 
     # Scores of merged tokens: mag_j (q . e_j), then the retained ones from their originals.
-    mag_k, kept_k = _layer(k, layer)
+    mag_k, kept_k = _layer_parts(k, layer)
     parts = [torch.matmul(qg, e32.transpose(-1, -2)) for _, e32 in upcast_chunks(k.e)]
     s = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)           # [B, H, G, S]
     s.mul_(mag_k.unsqueeze(2))
@@ -85,7 +81,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     den = p.sum(-1)
 
     # Values: (p * mag_v) @ e_v, with the retained tokens' terms swapped for p * kept.
-    mag_v, kept_v = _layer(v, layer)
+    mag_v, kept_v = _layer_parts(v, layer)
     pm = p * mag_v.unsqueeze(2)
     if kept_v.shape[0]:
         bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0], dev.type != "cpu")

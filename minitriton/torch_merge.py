@@ -20,7 +20,7 @@ import math
 import torch
 
 from ._upcast import chunked, upcast_chunks
-from .pair import MergedPair
+from .pair import MergedPair, _layer_parts
 from .reference import LERP_EPS, SIN_EPS
 from .retention import finish_merge
 
@@ -189,19 +189,21 @@ def gather_retained_torch(x_prev, x_cur, retained):
 
 
 def restore_torch(m: MergedPair, layer=None):
-    """See `minitriton.restore`. mag * e in float32, rounded once to the dtype; a
-    half-precision e on a CPU goes chunk by chunk through a reused float32 buffer."""
-    outs = []
-    for name, mag, kept in (("prev", m.mag_prev, m.kept_prev), ("cur", m.mag_cur, m.kept_cur)):
-        if layer not in (None, name):
-            continue
-        if chunked(m.e):
-            x = torch.empty(m.shape, dtype=m.dtype, device=m.device)
-            for sl, e32 in upcast_chunks(m.e):
-                x[:, :, sl] = e32.mul_(mag[:, :, sl].unsqueeze(-1))
-        else:
-            x = (m.e.float() * mag.unsqueeze(-1)).to(m.dtype)
-        if kept.shape[0]:
-            x[m.retained] = kept
-        outs.append(x)
-    return (outs[0], outs[1]) if layer is None else outs[0]
+    """See `minitriton.restore`. mag * e in float32, rounded once to the dtype; e is upcast
+    once for both layers (on a CPU, a half-precision e chunk by chunk through a reused float32
+    buffer)."""
+    layers = ("prev", "cur") if layer is None else (layer,)
+    mags = [_layer_parts(m, name)[0].unsqueeze(-1) for name in layers]
+    if chunked(m.e):
+        outs = [torch.empty(m.shape, dtype=m.dtype, device=m.device) for _ in layers]
+        for sl, e32 in upcast_chunks(m.e):
+            for x, mag in zip(outs, mags):
+                x[:, :, sl] = e32 * mag[:, :, sl]
+    else:
+        e32 = m.e.float()
+        outs = [(e32 * mag).to(m.dtype) for mag in mags]
+    if m.num_retained:
+        retained = m.retained
+        for x, name in zip(outs, layers):
+            x[retained] = _layer_parts(m, name)[1]
+    return tuple(outs) if layer is None else outs[0]

@@ -45,10 +45,6 @@ TOL = {
 D_TOL = 3e-4
 
 
-def tol(dtype: torch.dtype) -> dict:
-    return TOL[dtype]
-
-
 def _as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().double().cpu().numpy()
@@ -111,7 +107,8 @@ class _PoisonTorch:
 
 _LIBRARY_MODULES = ["minitriton.torch_merge", "minitriton.retention",
                     "minitriton.kernels.merge", "minitriton.kernels.restore",
-                    "minitriton.kernels.decode", "minitriton.torch_decode", "minitriton.decode"]
+                    "minitriton.kernels.decode", "minitriton.torch_decode", "minitriton.decode",
+                    "minitriton._upcast"]
 
 
 @pytest.fixture(autouse=True)

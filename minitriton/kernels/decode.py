@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreter_enabled
+from ..pair import _layer_parts
 from .common import block_d, torch_to_tl_dtype
 
 # Without a GPU (interpreter, ahead-of-time builds) there is no multiprocessor count: use an
@@ -310,8 +311,8 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
         raise ValueError(f"workspace: expected a [B, Hq, num_splits, D + 2] float32 tensor with a "
                          f"contiguous last dim, got shape {tuple(workspace.shape)}")
 
-    mag_k, kept_k = (k.mag_prev, k.kept_prev) if layer == "prev" else (k.mag_cur, k.kept_cur)
-    mag_v, kept_v = (v.mag_prev, v.kept_prev) if layer == "prev" else (v.mag_cur, v.kept_cur)
+    mag_k, kept_k = _layer_parts(k, layer)
+    mag_v, kept_v = _layer_parts(v, layer)
     # mag and slot are read with one set of strides; a MergedPair holds them contiguous.
     slot_k, slot_v = k.slot, v.slot
     if mag_k.stride() != slot_k.stride():

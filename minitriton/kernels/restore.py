@@ -60,6 +60,7 @@ def _restore_kernel(
         b_oc = tl.where(kept[:, None], b_kc, (mag_c[:, None] * b_e).to(out_ty))
         tl.store(oc_ptr + p_o, b_oc, mask=m_sd)
 
+
 _restore_autotuned = triton.autotune(configs=token_tile_autotune_configs(), key=["D", "BLOCK_D"],
                                      prune_configs_by={"early_config_prune": _prune})(
                                          _restore_kernel)
