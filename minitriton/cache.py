@@ -158,19 +158,21 @@ class _Pair:
                     lst[side] = rest.clone() if rest.shape[2] else None
 
     # -- reads --
-    def merged_states(self, side: int):
-        """(keys, values) of the store for one layer, restored, or (None, None)."""
+    def merged_states(self, side: int, part: str = "kv"):
+        """(keys, values) of the store for one layer, restored, or (None, None); only the
+        states named in `part` ("k", "v" or "kv") are restored, the others are None."""
         if self.mk is not None:
             layer = ("prev", "cur")[side]
-            return restore(self.mk, layer), restore(self.mv, layer)
+            return (restore(self.mk, layer) if "k" in part else None,
+                    restore(self.mv, layer) if "v" in part else None)
         return self.mean_k, self.mean_v
 
-    def get(self, side: int):
+    def get(self, side: int, part: str = "kv"):
         if side == 0 and self.pending is not None:
             return self.pending
-        mk, mv = self.merged_states(side)
-        k = _cat(_cat(self.sink_k[side], mk), self.tail_k[side])
-        v = _cat(_cat(self.sink_v[side], mv), self.tail_v[side])
+        mk, mv = self.merged_states(side, part)
+        k = _cat(_cat(self.sink_k[side], mk), self.tail_k[side]) if "k" in part else None
+        v = _cat(_cat(self.sink_v[side], mv), self.tail_v[side]) if "v" in part else None
         return k, v
 
     def tensors(self) -> list:
@@ -311,11 +313,22 @@ class MiniCache:
     # ---- reads ----
     def get(self, layer: int):
         """(keys, values) `[B, H, seq_len, D]`: sink, restored merged tokens, tail, in order."""
+        return self._get(layer, "kv")
+
+    def get_keys(self, layer: int):
+        """The keys of `get(layer)` alone (a merged layer's values are not restored)."""
+        return self._get(layer, "k")[0]
+
+    def get_values(self, layer: int):
+        """The values of `get(layer)` alone (a merged layer's keys are not restored)."""
+        return self._get(layer, "v")[1]
+
+    def _get(self, layer: int, part: str):
         self._check_layer(layer)
         pair, side = self._locate(layer)
         if pair is None:
             return self._dense_k[layer], self._dense_v[layer]
-        return pair.get(side)
+        return pair.get(side, part)
 
     def seq_len(self, layer: int = 0) -> int:
         self._check_layer(layer)

@@ -58,11 +58,11 @@ class MiniCacheLayer(CacheLayerMixin):
     # ---- the states ----
     @property
     def keys(self) -> Optional[torch.Tensor]:
-        return self._owner.core.get(self._idx)[0]
+        return self._owner.core.get_keys(self._idx)
 
     @property
     def values(self) -> Optional[torch.Tensor]:
-        return self._owner.core.get(self._idx)[1]
+        return self._owner.core.get_values(self._idx)
 
     @property
     def is_initialized(self) -> bool:

@@ -161,6 +161,37 @@ def test_bytes_count_everything_held():
     assert [s["layer"] for s in stats] == list(range(L)) and stats[1]["pair"].startswith("(0,1)")
 
 
+def test_keys_or_values_alone(monkeypatch):
+    """get_keys / get_values equal get()'s parts on every kind of layer (dense, slerp pair with
+    sink and tail, mean pair, a prev layer waiting for its pair) and restore only what they
+    return."""
+    L = 6
+    ks, vs = _states(L, 30, seed=2)
+    cache = MiniCache(L, [PairSpec(0, sink=2), PairSpec(2, method="mean")], window=4)
+    _feed(cache, ks, vs, [20] + [1] * 10)
+    restored = []
+    real = minitriton.cache.restore
+    monkeypatch.setattr(minitriton.cache, "restore",
+                        lambda m, layer=None: restored.append(m) or real(m, layer))
+    for layer in range(L):
+        k, v = cache.get(layer)
+        restored.clear()
+        assert torch.equal(cache.get_keys(layer), k)
+        assert all(m is cache.merged_pairs(0)[0] for m in restored)
+        assert len(restored) == (layer in (0, 1))
+        restored.clear()
+        assert torch.equal(cache.get_values(layer), v)
+        assert all(m is cache.merged_pairs(0)[1] for m in restored)
+        assert len(restored) == (layer in (0, 1))
+    # layer 4 of a (4, 5) pair mid-prefill: its own states, as get() returns them
+    cache2 = MiniCache(L, [(4, 5)])
+    cache2.update(4, ks[4][:, :, :7], vs[4][:, :, :7])
+    assert torch.equal(cache2.get_keys(4), ks[4][:, :, :7])
+    assert torch.equal(cache2.get_values(4), vs[4][:, :, :7])
+    with pytest.raises(ValueError, match="layer"):
+        cache.get_keys(L)
+
+
 def test_empty_plan_is_dense():
     L = 3
     ks, vs = _states(L, 12, seed=2)
