@@ -128,11 +128,12 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         if e.dtype == torch.float32:      # write e in place: no float32 copy to cast from
             torch.mul(xp_v[idx], a_v[idx], out=e_v[idx])
             e_v[idx].addcmul_(xc_v[idx], b_v[idx])
-        else:   # float32 arithmetic (a and b are float32 tensors), then one cast into e
-            e32 = scratch[0][_head(idx)]
-            torch.mul(xp_v[idx], a_v[idx], out=e32)
-            e32.addcmul_(xc_v[idx], b_v[idx])
-            e_v[idx].copy_(e32)
+        else:   # float32 arithmetic on float32 copies in the reused scratch (a mixed-dtype op
+            # would make a fresh float32 copy of its input), then one cast into e
+            xp32 = scratch[1][_head(idx)].copy_(xp_v[idx])
+            xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
+            xp32.mul_(a_v[idx]).addcmul_(xc32, b_v[idx])
+            e_v[idx].copy_(xp32)
     if magnitude == "norm":
         mag_p, mag_c = n_p, n_c
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
