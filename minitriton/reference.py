@@ -11,7 +11,8 @@ import numpy as np
 
 # Below this |sin(Omega)| the SLERP weights are 0/0-like: use the normalised linear interpolation.
 SIN_EPS = 1e-4
-# Below this norm the linear interpolation itself is "zero" (antiparallel at t = 0.5): take u_c.
+# Below this norm the interpolation itself is "zero": take u_c (antiparallel at t = 0.5), or u_p
+# when x_cur is the zero vector (a zero partner at t = 0 or 1).
 LERP_EPS = 1e-6
 
 
@@ -35,6 +36,11 @@ def slerp_direction(u_p: np.ndarray, u_c: np.ndarray, t: float) -> tuple[np.ndar
         e = sin((1 - t) Omega) / sin(Omega) u_p + sin(t Omega) / sin(Omega) u_c
 
     Returns (e renormalised to unit length, Omega).
+
+    Where e is (near) zero there is no direction in between: take u_c, or u_p when u_c is zero.
+    That happens for antiparallel directions at t = 0.5, and next to a zero vector at t = 0 or 1
+    (x_prev = 0 at t = 0, x_cur = 0 at t = 1), where the other layer keeps its own direction and
+    so its magnitude survives. Only when both are zero is e zero.
     """
     cos = np.clip(np.sum(u_p * u_c, axis=-1), -1.0, 1.0)
     omega = np.arccos(cos)
@@ -45,9 +51,11 @@ def slerp_direction(u_p: np.ndarray, u_c: np.ndarray, t: float) -> tuple[np.ndar
     w_c = np.where(safe, np.sin(t * omega) / sin_, t)
     e = w_p[..., None] * u_p + w_c[..., None] * u_c
     n_e = np.linalg.norm(e, axis=-1)
-    degenerate = (~safe) & (n_e < LERP_EPS)           # antiparallel at t = 0.5: take u_c
-    e = np.where(degenerate[..., None], u_c, e)
-    n_e = np.where(degenerate, np.linalg.norm(u_c, axis=-1), n_e)
+    has_c = np.linalg.norm(u_c, axis=-1, keepdims=True) > 0
+    fallback = np.where(has_c, u_c, u_p)                     # u_c, or u_p when x_cur = 0
+    degenerate = n_e < LERP_EPS
+    e = np.where(degenerate[..., None], fallback, e)
+    n_e = np.where(degenerate, np.linalg.norm(fallback, axis=-1), n_e)
     e = np.divide(e, n_e[..., None], out=np.zeros_like(e), where=n_e[..., None] > 0)
     return e, omega
 
@@ -55,9 +63,13 @@ def slerp_direction(u_p: np.ndarray, u_c: np.ndarray, t: float) -> tuple[np.ndar
 def retention_threshold(d_min, d_max, gamma: float):
     """Eq. 5, read with d = Omega / pi: a token is retained iff d > threshold.
 
-    gamma = 0 gives d_max (nothing retained), gamma = 1 gives d_min (all but the least distant).
+    gamma = 0 gives d_max (nothing retained), gamma = 1 gives d_min (all but the least distant):
+    the formula is pinned there, and never goes below d_min, whatever its rounding.
     """
-    return np.asarray(d_max) - (np.asarray(d_max) - np.asarray(d_min)) * gamma
+    d_min, d_max = np.asarray(d_min, dtype=np.float64), np.asarray(d_max, dtype=np.float64)
+    if gamma >= 1.0:
+        return d_min.copy()
+    return np.maximum(d_max - (d_max - d_min) * gamma, d_min)
 
 
 def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str = "norm",

@@ -26,10 +26,16 @@ from .retention import finish_merge
 
 # arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
 # ~sqrt(2e-6) near 0 and pi, where SLERP's weights are ill conditioned. Tokens whose angle is
-# within this of 0 or pi get it again from 2 atan2(|u_p - u_c|, |u_p + u_c|), exact there (the
-# kernels' formula); they are rare, so only they are read again.
+# within _REFINE_NEAR of 0, or whose cosine is below _COS_FAR (Omega above ~154 degrees), get it
+# again from 2 atan2(|u_p - u_c|, |u_p + u_c|), exact there (the kernels' formula). Below
+# _COS_FAR e and the projections are computed from the vectors too (see `_far_tokens`); above
+# it the closed forms lose at most ~20 ulp to cancellation. Such tokens are rare, so only they
+# are read again.
 _REFINE_NEAR = 1e-2
-_COS_NEAR = math.cos(_REFINE_NEAR)   # |cos| above this: the angle is within it of 0 or pi
+_COS_NEAR = math.cos(_REFINE_NEAR)
+_COS_FAR = -0.9
+# cos outside [_COS_FAR, _COS_NEAR] <=> |cos - _MID| > _HALF (one full-size test)
+_MID, _HALF = (_COS_NEAR + _COS_FAR) / 2, (_COS_NEAR - _COS_FAR) / 2
 
 # Tokens per chunk: 2 inputs x float32 x CHUNK_TOKENS x D = 2 MiB, so that a chunk of both
 # inputs and of the scratch (or of e) stays in the cores' L2 between the ops that read it again
@@ -38,9 +44,9 @@ _CHUNK_BYTES = 1 << 21
 
 
 def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
-    """Recompute, in place, the angle (and its cosine) of the tokens near 0 or pi from their
-    directions. (A zero vector has cosine 0 with anything: never near.)"""
-    idx = torch.nonzero(cos.abs() > _COS_NEAR, as_tuple=True)
+    """Recompute, in place, the angle (and its cosine) of the tokens near 0 or far from it
+    (cos < _COS_FAR) from their directions. (A zero vector has cosine 0 with anything.)"""
+    idx = torch.nonzero((cos - _MID).abs_() > _HALF, as_tuple=True)
     if idx[0].numel():
         u_p = x_prev[idx].float() * inv_p[idx].unsqueeze(-1)
         u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
@@ -51,11 +57,13 @@ def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
 
 def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
     """Per-token scalars (a, b, d) such that e = a x_prev + b x_cur is the unit SLERP direction
-    and d = Omega / pi. All inputs and outputs float32 `[...]`.
+    and d = Omega / pi, all float32 `[...]`; and the tokens whose e is computed from their
+    vectors instead (see `_far_tokens`), as (index, e rows) or None.
 
     This runs once over every token, so it is written as few full-size ops as it can be: no
     boolean masks or `where` over all tokens (they cost several float ops each), only over the
-    rare tokens whose sin(Omega) is below SIN_EPS (the linear interpolation's weights)."""
+    rare tokens whose sin(Omega) is below SIN_EPS (the linear interpolation's weights) or whose
+    interpolation is zero."""
     inv_p = torch.reciprocal(n_p).nan_to_num_(posinf=0.0)           # direction 0 for x = 0
     inv_c = torch.reciprocal(n_c).nan_to_num_(posinf=0.0)
     cos = (dot * inv_p).mul_(inv_c).clamp_(-1.0, 1.0)                # 0 when either is zero
@@ -74,16 +82,38 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
         w_c[lin] = t * torch.sign(n_c[lin])
     n_e = (w_p * w_p).addcmul_(w_c, w_c).addcmul_(w_p * w_c, cos, value=2.0).clamp_(min=0.0)
     n_e.sqrt_()
-    if lin[0].numel():   # antiparallel at t = 0.5: no direction in between; take u_c
-        deg = n_e[lin] < LERP_EPS
-        if bool(deg.any()):
-            sel = tuple(i[deg] for i in lin)
-            w_p[sel] = 0.0
-            w_c[sel] = 1.0
-            n_e[sel] = torch.sign(n_c[sel])
+    far = _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur)   # (before n_e is used)
+    # No direction in between (antiparallel at t = 0.5, or a zero partner at t = 0 or 1): take
+    # u_c, or u_p when x_cur is zero.
+    deg = torch.nonzero(n_e < LERP_EPS, as_tuple=True)
+    if deg[0].numel():
+        has_c = torch.sign(n_c[deg])
+        w_c[deg] = has_c
+        w_p[deg] = (1.0 - has_c) * torch.sign(n_p[deg])
+        n_e[deg] = w_p[deg] + w_c[deg]
     inv_e = torch.reciprocal(n_e).nan_to_num_(posinf=0.0)
     return (w_p.mul_(inv_p).mul_(inv_e), w_c.mul_(inv_c).mul_(inv_e),
-            omega.mul_(1.0 / math.pi))
+            omega.mul_(1.0 / math.pi), far)
+
+
+def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur):
+    """e of the nearly antiparallel tokens, from their vectors: (index, float32 rows) or None.
+
+    Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
+    like 1 / sin(Omega) while |e| stays 1), and so does x . e = a |x|^2 + b (x_prev . x_cur).
+    For these tokens e is computed as the kernels do: w_p u_p + w_c u_c from the vectors,
+    divided by its own norm (or u_c when that is below LERP_EPS). They are rare in real caches,
+    so only they are read again."""
+    idx = torch.nonzero(cos < _COS_FAR, as_tuple=True)
+    if not idx[0].numel():
+        return None
+    u_p = x_prev[idx].float() * inv_p[idx].unsqueeze(-1)
+    u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
+    e = u_p * w_p[idx].unsqueeze(-1) + u_c * w_c[idx].unsqueeze(-1)
+    n_e = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    deg = n_e < LERP_EPS     # both directions are non-zero here (cos < 0): take u_c
+    e = torch.where(deg, u_c, e) / torch.where(deg, 1.0, n_e)
+    return idx, e
 
 
 def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
@@ -122,7 +152,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_v[idx])
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_v[idx])
         torch.sum(prod, dim=-1, out=dot_v[idx])
-    a, b, d = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
+    a, b, d, far = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
     a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
     for idx in chunks:
         if e.dtype == torch.float32:      # write e in place: no float32 copy to cast from
@@ -134,10 +164,16 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
             xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
             xp32.mul_(a_v[idx]).addcmul_(xc32, b_v[idx])
             e_v[idx].copy_(xp32)
+    if far is not None:
+        e[far[0]] = far[1].to(e.dtype)
     if magnitude == "norm":
         mag_p, mag_c = n_p, n_c
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
+        if far is not None:
+            idx, e_far = far
+            mag_p[idx] = (x_prev[idx].float() * e_far).sum(-1)
+            mag_c[idx] = (x_cur[idx].float() * e_far).sum(-1)
     if S:
         d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
     else:   # an empty row: the extremes of nothing (what the kernel's atomics start from)

@@ -12,11 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minitriton
-from conftest import D_TOL, DTYPES, assert_close
+from conftest import D_TOL, DTYPES, TOL, assert_close
 from helpers import check_merge_against_reference, make_pair, token_norms
 from minitriton.reference import merge_ref
 
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TOL_E = {dt: TOL[dt]["atol"] for dt in DTYPES}
 
 
 # ---- against the reference -------------------------------------------------------------------
@@ -151,6 +152,19 @@ def test_gamma_endpoints(backend, device):
     assert (m.retained.sum(-1) == 40).all()
 
 
+def test_reference_gamma_endpoints():
+    """The oracle applies the same endpoint rule: gamma = 1 keeps all but the least distant
+    token even where d_max - (d_max - d_min) * 1 rounds below d_min in float64 (these angles do),
+    and gamma = 0 keeps nothing."""
+    xp, xc = _pairs_at_angles([0.3, 1.0, 2.0], 16, "cpu", torch.float64)
+    d = merge_ref(xp, xc, 0.5, 1.0)["d"]
+    assert d[0, 0, 2] - (d[0, 0, 2] - d[0, 0, 0]) * 1.0 < d[0, 0, 0]    # the rounding in question
+    assert merge_ref(xp, xc, 0.5, 1.0)["retained"].tolist() == [[[False, True, True]]]
+    assert not merge_ref(xp, xc, 0.5, 0.0)["retained"].any()
+    xp, xc = make_pair(2, 3, 41, 32, torch.float32, "cpu", seed=2, corr=0.3)
+    assert (merge_ref(xp, xc, 0.6, 1.0)["retained"].sum(-1) == 40).all()
+
+
 def test_batch_invariant(backend, device):
     xp, xc = make_pair(3, 2, 23, 80, torch.float16, device, seed=4, outliers=2)
     full = minitriton.merge(xp, xc, 0.6, 0.1)
@@ -204,6 +218,75 @@ def test_antiparallel(backend, device, t):
     assert_close(m.e, expect, torch.float32, what="e of antiparallel pairs")
     assert torch.isfinite(m.mag_prev).all()
     assert_close(m.d_max, torch.ones(1, 1), torch.float32, what="d of antiparallel pairs")
+
+
+def _pairs_at_angles(omegas, D, device, dtype, seed=0):
+    """One token pair per angle, `[1, 1, len(omegas), D]`: |x_prev| = 2, |x_cur| = 3, each pair
+    in its own random plane."""
+    g = torch.Generator().manual_seed(seed)
+    xp, xc = [], []
+    for om in omegas:
+        q, _ = torch.linalg.qr(torch.randn(D, 2, generator=g, dtype=torch.float64))
+        u, w = q[:, 0], q[:, 1]
+        xp.append(2.0 * u)
+        xc.append(3.0 * (math.cos(om) * u + math.sin(om) * w))
+    as_in = (lambda v: torch.stack(v).view(1, 1, len(omegas), D).to(dtype).to(device))
+    return as_in(xp), as_in(xc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_nearly_antiparallel(backend, device, dtype, magnitude):
+    """Near Omega = pi the SLERP weights grow like 1 / sin(Omega): e must still be a unit vector
+    and match the reference up to float32's own conditioning there (eps / sin(Omega)).
+    The angles stay clear of the switch to the linear interpolation at sin(Omega) = SIN_EPS."""
+    deltas = [0.5, 0.2, 0.05, 1e-2, 3e-3, 1e-3, 3e-4, 3e-5, 1e-5]
+    xp, xc = _pairs_at_angles([math.pi - dl for dl in deltas], 80, device, dtype)
+    for t in (0.0, 0.3, 0.45, 0.5, 0.55, 1.0):
+        m = minitriton.merge(xp, xc, t, 0.0, magnitude=magnitude)
+        r = merge_ref(xp, xc, t, 0.0, magnitude)
+        what = f"t={t}"
+        n_e = torch.linalg.vector_norm(m.e.double(), dim=-1)
+        assert_close(n_e, torch.ones_like(n_e), dtype, what=f"|e| {what}")
+        sin = np.maximum(np.sin(r["d"] * np.pi), 1e-5)[..., None]        # [1, 1, S, 1]
+        cond = 1.0 + 4 * np.finfo(np.float32).eps / sin / TOL_E[dtype]
+        assert_close(m.e, r["e"], dtype, scale=cond, what=f"e {what}")
+        if magnitude == "projection":
+            for got, want, x in ((m.mag_prev, r["mag_prev"], xp), (m.mag_cur, r["mag_cur"], xc)):
+                assert_close(got, want, dtype, scale=token_norms(x)[..., 0] * cond[..., 0],
+                             what=f"projection {what}")
+        xp_hat, xc_hat = minitriton.restore(m)
+        if magnitude == "norm":   # magnitudes survive however ill conditioned e is
+            for x, x_hat in ((xp, xp_hat), (xc, xc_hat)):
+                n = torch.linalg.vector_norm(x.double(), dim=-1)
+                assert_close(torch.linalg.vector_norm(x_hat.double(), dim=-1), n, dtype,
+                             scale=n, what=f"|x_hat| {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("t", [0.0, 1e-8, 0.5, 1.0 - 1e-8, 1.0])
+def test_zero_partner_keeps_the_other_direction(backend, device, dtype, t):
+    """Next to a zero vector the other layer keeps its direction at every t, t = 0 and 1
+    included (there SLERP's own weight for it is 0): its magnitude survives, the zero vector
+    restores to zero, and two zero vectors give e = 0."""
+    xp, xc = make_pair(1, 2, 6, 48, dtype, device, seed=4)
+    xp[0, 0, 1] = 0          # prev zero
+    xc[0, 0, 3] = 0          # cur zero
+    xp[0, 1, 2] = 0          # both zero
+    xc[0, 1, 2] = 0
+    m = minitriton.merge(xp, xc, t, 0.0)
+    xp_hat, xc_hat = minitriton.restore(m)
+    unit = (lambda x: x.double() / torch.linalg.vector_norm(x.double()))
+    assert_close(m.e[0, 0, 1], unit(xc[0, 0, 1]), dtype, what="e next to a zero x_prev")
+    assert_close(m.e[0, 0, 3], unit(xp[0, 0, 3]), dtype, what="e next to a zero x_cur")
+    assert (m.e[0, 1, 2] == 0).all()
+    assert (xp_hat[0, 0, 1] == 0).all() and (xc_hat[0, 0, 3] == 0).all()
+    assert (xp_hat[0, 1, 2] == 0).all() and (xc_hat[0, 1, 2] == 0).all()
+    assert_close(xc_hat[0, 0, 1], xc[0, 0, 1], dtype, scale=token_norms(xc[0, 0, 1]),
+                 what="x_cur next to a zero x_prev")
+    assert_close(xp_hat[0, 0, 3], xp[0, 0, 3], dtype, scale=token_norms(xp[0, 0, 3]),
+                 what="x_prev next to a zero x_cur")
+    check_merge_against_reference(m, xp, xc, t, 0.0, "norm", D_TOL, assert_close)
 
 
 def test_inputs_not_modified(backend, device):

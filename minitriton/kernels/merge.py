@@ -79,6 +79,11 @@ def _merge_kernel(
     sin_ = tl.where(safe, sin, 1.0)
     w_p = tl.where(safe, tl.sin((1.0 - t) * omega) / sin_, 1.0 - t)
     w_c = tl.where(safe, tl.sin(t * omega) / sin_, t)
+    # Next to a zero vector e is the other direction, at every t (the spec's e = 0 at t = 0 or
+    # 1 there is "no direction in between": take u_c, or u_p when x_cur is zero). One of the
+    # two directions is 0, so u_p + u_c is the other one.
+    w_p = tl.where(zero, 1.0, w_p)
+    w_c = tl.where(zero, 1.0, w_c)
     b_e = w_p[:, None] * b_up + w_c[:, None] * b_uc
     n_e = tl.sqrt(tl.sum(b_e * b_e, axis=1))
     degenerate = (~safe) & (n_e < _LERP_EPS)          # antiparallel at t = 0.5: take u_c
