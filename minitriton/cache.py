@@ -44,11 +44,13 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import replace
 from typing import Optional
 
 import torch
 
+from ._checks import check_head_dim, check_tensor
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -117,27 +119,31 @@ class _Pair:
 
     # -- writes --
     def absorb(self, kp, vp, kc, vc) -> None:
-        """Sink-fill then merge a chunk of both layers' states (same length)."""
+        """Sink-fill then merge a chunk of both layers' states (same length). Everything is
+        computed before anything is stored: a failure leaves the pair as it was."""
         room = self.spec.sink - _len(self.sink_k[0])
+        sinks = None
         if room > 0:
             n = min(room, kp.shape[2])
-            for side, (k, v) in enumerate(((kp, vp), (kc, vc))):
-                self.sink_k[side] = _cat(self.sink_k[side], k[:, :, :n].clone())
-                self.sink_v[side] = _cat(self.sink_v[side], v[:, :, :n].clone())
+            sinks = [[_cat(held[side], x[:, :, :n].clone()) for side, x in enumerate(new)]
+                     for held, new in ((self.sink_k, (kp, kc)), (self.sink_v, (vp, vc)))]
             kp, vp, kc, vc = (x[:, :, n:] for x in (kp, vp, kc, vc))
-        if kp.shape[2] == 0:
-            return
-        s = self.spec
-        if s.method == "mean":
+        stores = {}
+        if kp.shape[2] and self.spec.method == "mean":
             avg = (lambda a, b: ((a.float() + b.float()) * 0.5).to(a.dtype))
-            self.mean_k = _cat(self.mean_k, avg(kp, kc))
-            self.mean_v = _cat(self.mean_v, avg(vp, vc))
-            return
-        for name, (a, b) in (("mk", (kp, kc)), ("mv", (vp, vc))):
-            old = getattr(self, name)
-            d_range = None if old is None else (old.d_min, old.d_max)
-            new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range)
-            setattr(self, name, new if old is None else MergedPair.cat([old, new]))
+            stores = dict(mean_k=_cat(self.mean_k, avg(kp, kc)),
+                          mean_v=_cat(self.mean_v, avg(vp, vc)))
+        elif kp.shape[2]:
+            s = self.spec
+            for name, (a, b) in (("mk", (kp, kc)), ("mv", (vp, vc))):
+                old = getattr(self, name)
+                d_range = None if old is None else (old.d_min, old.d_max)
+                new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range)
+                stores[name] = new if old is None else MergedPair.cat([old, new])
+        if sinks is not None:
+            self.sink_k, self.sink_v = sinks
+        for name, value in stores.items():
+            setattr(self, name, value)
 
     def flush(self, window: int) -> None:
         """Move whole `window`-token chunks of the tails into the store, oldest first."""
@@ -146,16 +152,18 @@ class _Pair:
             raise RuntimeError(f"pair ({self.spec.prev},{self.spec.cur}): tails of different "
                                f"lengths ({n0} and {n1}); a forward stopped between the layers")
         done = 0
-        while n0 - done >= window:
-            sl = slice(done, done + window)
-            self.absorb(self.tail_k[0][:, :, sl], self.tail_v[0][:, :, sl],
-                        self.tail_k[1][:, :, sl], self.tail_v[1][:, :, sl])
-            done += window
-        if done:
-            for lst in (self.tail_k, self.tail_v):
-                for side in (0, 1):
-                    rest = lst[side][:, :, done:]
-                    lst[side] = rest.clone() if rest.shape[2] else None
+        try:
+            while n0 - done >= window:
+                sl = slice(done, done + window)
+                self.absorb(self.tail_k[0][:, :, sl], self.tail_v[0][:, :, sl],
+                            self.tail_k[1][:, :, sl], self.tail_v[1][:, :, sl])
+                done += window
+        finally:   # the chunks that did move leave the tails, even if a later one failed
+            if done:
+                for lst in (self.tail_k, self.tail_v):
+                    for side in (0, 1):
+                        rest = lst[side][:, :, done:]
+                        lst[side] = rest.clone() if rest.shape[2] else None
 
     # -- reads --
     def merged_states(self, side: int, part: str = "kv"):
@@ -253,19 +261,21 @@ class MiniCache:
         self._dense_v: list = [None] * num_layers
 
     # ---- writes ----
-    def _check_layer(self, layer) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) \
-                or not 0 <= layer < self.num_layers:
+    def _check_layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__} {layer!r}")
+        if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        return int(layer)
 
     def _locate(self, layer: int):
-        found = self.plan.lookup(layer)
+        found = self.plan.lookup(self._check_layer(layer))
         return (None, None) if found is None else (self._pairs[found[0].prev], found[1])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Store new states `[B, H, S, D]` of `layer`. Returns True when they were the first
         states of a merged pair (a prefill chunk, to be attended at full precision)."""
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 raise ValueError(f"{name}: expected a [B, H, S, D] tensor, got "
@@ -274,6 +284,7 @@ class MiniCache:
             raise ValueError(f"v: [B, H, S] {tuple(v.shape[:3])} does not match k's "
                              f"{tuple(k.shape[:3])}")
         pair, side = self._locate(layer)
+        self._check_states(layer, k, v, pair)
         if pair is None:
             self._dense_k[layer] = _cat(self._dense_k[layer], k)
             self._dense_v[layer] = _cat(self._dense_v[layer], v)
@@ -293,8 +304,8 @@ class MiniCache:
             if kp.shape[:3] != k.shape[:3]:
                 raise ValueError(f"k: layer {layer} got shape {tuple(k.shape)}, layer {layer - 1} "
                                  f"got {tuple(kp.shape)}; a pair's states must match")
-            pair.pending = None
             pair.absorb(kp, vp, k, v)
+            pair.pending = None
             return True
         if pair.seq_len(1) + k.shape[2] != pair.seq_len(0):
             raise RuntimeError(f"layer {layer}: got {k.shape[2]} new tokens but layer {layer - 1} "
@@ -302,6 +313,33 @@ class MiniCache:
         pair.tail_k[1] = _cat(pair.tail_k[1], k)
         pair.tail_v[1] = _cat(pair.tail_v[1], v)
         return False
+
+    def _check_states(self, layer: int, k, v, pair) -> None:
+        """New states must be like those the layer (or its pair) already holds: batch, heads,
+        head dim, dtype and device; a merged pair's also mergeable (dtype, head dim). Checked
+        before anything is stored, so a rejected update leaves the cache as it was."""
+        if pair is None:
+            refs = (self._dense_k[layer], self._dense_v[layer])
+        else:
+            for name, x in (("k", k), ("v", v)):
+                check_tensor(name, x)
+                check_head_dim(name, x.shape[3])
+            refs = self.shape_ref(pair.spec.prev)
+            if refs[0] is None:
+                refs = self.shape_ref(pair.spec.cur)
+        for name, x, ref in (("k", k, refs[0]), ("v", v, refs[1])):
+            if ref is None:
+                continue
+            where = f"layer {layer}: {name}"
+            if (x.shape[0], x.shape[1], x.shape[3]) != (ref.shape[0], ref.shape[1], ref.shape[3]):
+                raise ValueError(f"{where} of shape {tuple(x.shape)} does not match the "
+                                 f"[B, H, *, D] = {tuple(ref.shape[:2]) + (ref.shape[3],)} of "
+                                 f"the states held{'' if pair is None else ' for its pair'}")
+            if x.dtype != ref.dtype:
+                raise TypeError(f"{where} has dtype {x.dtype}, the states held have {ref.dtype}")
+            if x.device != ref.device:
+                raise ValueError(f"{where} is on {x.device}, the states held are on "
+                                 f"{ref.device}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store new states of `layer` and return `(keys, values)` to attend to: the exact new
@@ -324,14 +362,14 @@ class MiniCache:
         return self._get(layer, "v")[1]
 
     def _get(self, layer: int, part: str):
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         pair, side = self._locate(layer)
         if pair is None:
             return self._dense_k[layer], self._dense_v[layer]
         return pair.get(side, part)
 
     def seq_len(self, layer: int = 0) -> int:
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         pair, side = self._locate(layer)
         return _len(self._dense_k[layer]) if pair is None else pair.seq_len(side)
 
@@ -426,14 +464,20 @@ class MiniCache:
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens of every layer (merged tokens are cut out of the store;
         they are not un-merged)."""
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+            raise TypeError(f"length: expected an int, got {type(length).__name__} {length!r}")
+        if length < 0:
             raise ValueError(f"length: expected an int >= 0, got {length!r}")
-        self._edit(slice(None), length)
+        self._edit(slice(None), int(length))
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) the batch rows `index` (a 1-d integer tensor)."""
-        if not isinstance(index, torch.Tensor) or index.dim() != 1:
-            raise ValueError(f"index: expected a 1-d tensor, got {index!r}")
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index: expected a 1-d integer tensor, got {type(index).__name__}")
+        if index.dim() != 1:
+            raise ValueError(f"index: expected a 1-d tensor, got shape {tuple(index.shape)}")
+        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+            raise TypeError(f"index: expected an integer tensor, got dtype {index.dtype}")
         self._edit(index, None)
 
     def _edit(self, b_idx, length: Optional[int]) -> None:

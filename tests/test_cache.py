@@ -192,6 +192,144 @@ def test_keys_or_values_alone(monkeypatch):
         cache.get_keys(L)
 
 
+def _snapshot(cache):
+    """Everything a cache holds, per layer, plus its lengths and bytes."""
+    return ([cache.get(i) for i in range(cache.num_layers)],
+            [cache.seq_len(i) for i in range(cache.num_layers)], cache.nbytes)
+
+
+def _same(a, b):
+    (ga, la, na), (gb, lb, nb) = a, b
+    assert la == lb and na == nb
+    for (ka, va), (kb, vb) in zip(ga, gb):
+        for x, y in ((ka, kb), (va, vb)):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", ["slerp", "mean"])
+def test_rejected_update_leaves_the_cache_as_it_was(method):
+    """A bad update (unsupported dtype, dtype, device or shape unlike the states held, head
+    dim out of range) raises a named error before anything is stored: at prefill, between the
+    two layers of a pair, and during decode; the cache then goes on as if it never happened."""
+    L = 4
+    ks, vs = _states(L, 12, seed=11)
+    cache = MiniCache(L, [PairSpec(1, method=method, sink=2)], window=2)
+    ref = MiniCache(L, [PairSpec(1, method=method, sink=2)], window=2)
+    bad = {
+        "float64": (TypeError, "k: dtype torch.float64",
+                    lambda k, v: (k.double(), v)),
+        "v dtype": (TypeError, "v has dtype torch.float16",
+                    lambda k, v: (k, v.half())),
+        "heads": (ValueError, "k of shape",
+                  lambda k, v: (k[:, :1], v[:, :1])),
+        "head dim": (ValueError, "v: head dim",
+                     lambda k, v: (k, torch.zeros(*v.shape[:3], 8))),
+        "int": (TypeError, "k: dtype torch.int64",
+                lambda k, v: (k.long(), v)),
+    }
+
+    def feed(c, layer, lo, hi, spoil=None):
+        k, v = ks[layer][:, :, lo:hi], vs[layer][:, :, lo:hi]
+        return c.update(layer, *(spoil(k, v) if spoil else (k, v)))
+
+    def step(lo, hi):
+        for layer in range(L):
+            # every kind of bad state, at every layer of the step, before the good one: for a
+            # merged pair any of them; for a dense layer, or the very first states of a pair,
+            # only what contradicts states already held
+            held = lo > 0 or layer == 2
+            for exc, msg, spoil in bad.values():
+                unlike_held = msg.startswith(("k of", "v has"))
+                if (layer in (1, 2) and (held or not unlike_held)) or (held and unlike_held):
+                    before = _snapshot(cache)
+                    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+                        feed(cache, layer, lo, hi, spoil)
+                    _same(before, _snapshot(cache))
+            feed(cache, layer, lo, hi)
+            feed(ref, layer, lo, hi)
+
+    step(0, 6)                       # prefill: layer 1 pending, then the pair merged
+    for pos in range(6, 12):         # decode: tails, chunks of W = 2 merged
+        step(pos, pos + 1)
+    _same(_snapshot(ref), _snapshot(cache))
+
+
+def test_a_merge_that_fails_midway_loses_nothing(monkeypatch):
+    """A merge that raises (out of memory, say) between the keys and the values, at prefill or
+    in the second of two chunks of a flush: nothing is half stored, no token is lost or
+    duplicated, and the same update then goes through as if it had never failed."""
+    import minitriton.cache as cache_mod
+
+    L = 2
+    ks, vs = _states(L, 16, seed=13)
+    cache, ref = (MiniCache(L, [(0, 1)], window=2) for _ in range(2))
+    real, calls = cache_mod.merge, {"n": 0, "fail_at": None}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "merge", flaky)
+
+    def forward(lo, hi, fail_at=None):
+        for layer in range(L):
+            k, v = ks[layer][:, :, lo:hi], vs[layer][:, :, lo:hi]
+            calls["fail_at"] = None
+            ref.update(layer, k, v)
+            calls["n"], calls["fail_at"] = 0, fail_at
+            try:
+                cache.update(layer, k, v)
+            except RuntimeError as exc:
+                assert "simulated" in str(exc) and layer == {2: 1, 3: 0}[fail_at]
+                failed.append(lo)
+                calls["fail_at"] = None
+                cache.update(layer, k, v)              # the retry goes through
+            for i in range(L):
+                assert cache.seq_len(i) == ref.seq_len(i)
+
+    failed = []
+    forward(0, 6, fail_at=2)          # the values' merge of the prefill fails (at layer 1)
+    forward(6, 11)                    # a 5-token forward: the tails now hold 5 tokens
+    forward(11, 12, fail_at=3)        # flush (at layer 0): chunk 1 merges, chunk 2's keys fail
+    forward(12, 13)
+    assert failed == [0, 11]
+    _same(_snapshot(ref), _snapshot(cache))
+
+
+def test_layer_and_edit_arguments():
+    import numpy as np
+
+    L = 3
+    ks, vs = _states(L, 5, seed=1)
+    cache = MiniCache(L, [(1, 2)])
+    for layer in range(L):
+        cache.update(np.int64(layer), ks[layer], vs[layer])        # numpy ints are ints
+    assert cache.seq_len(np.int32(2)) == 5
+    assert torch.equal(cache.get_keys(np.int64(0)), ks[0])
+    for bad in (1.0, "1", True, None):
+        with pytest.raises(TypeError, match="layer"):
+            cache.get(bad)
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="layer"):
+            cache.seq_len(bad)
+    with pytest.raises(ValueError, match="layer"):
+        cache.layer_nbytes(7)
+    with pytest.raises(TypeError, match="index"):
+        cache.select_batch(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="index"):
+        cache.select_batch([0, 1])
+    with pytest.raises(ValueError, match="index"):
+        cache.select_batch(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="length"):
+        cache.crop(2.0)
+    with pytest.raises(ValueError, match="length"):
+        cache.crop(-1)
+    cache.crop(np.int64(3))
+    assert cache.seq_len(0) == 3 and cache.seq_len(1) == 3
+
+
 def test_empty_plan_is_dense():
     L = 3
     ks, vs = _states(L, 12, seed=2)
