@@ -4,7 +4,9 @@ argument and the offending value, before any kernel runs."""
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,15 +42,21 @@ def check_head_dim(name: str, D: int) -> None:
                          f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
 
 
-def check_unit_interval(name: str, v) -> float:
-    """A Python or 0-d tensor number in [0, 1] (not NaN), returned as float."""
+def check_real(name: str, v, what: str = "a float") -> float:
+    """A real number (Python, numpy, or a one-element tensor; not a bool), returned as float."""
     if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(v.shape)}")
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"{name}: expected {what}, got a {v.dtype} tensor of shape "
+                            f"{tuple(v.shape)}")
         v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name}: expected a float in [0, 1], got {type(v).__name__} {v!r}")
-    v = float(v)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def check_unit_interval(name: str, v) -> float:
+    """A real number in [0, 1] (not NaN), returned as float."""
+    v = check_real(name, v, "a float in [0, 1]")
     if math.isnan(v) or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name}: expected a value in [0, 1], got {v!r}")
     return v

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._checks import check_head_dim, check_same, check_tensor
+from ._checks import check_head_dim, check_real, check_same, check_tensor
 from .backend import select_backend
 from .merge import check_pair
 from .pair import MergedPair
@@ -149,9 +149,7 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
     if sm_scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
-        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-            raise TypeError(f"sm_scale: expected a float, got {type(sm_scale).__name__}")
-        scale = float(sm_scale)
+        scale = check_real("sm_scale", sm_scale)
         if not math.isfinite(scale):
             raise ValueError(f"sm_scale: expected a finite number, got {scale!r}")
     if not isinstance(return_lse, bool):

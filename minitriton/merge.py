@@ -39,6 +39,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
 
+    Not differentiable: inputs that require grad are read as plain data, and no output requires
+    grad (the same on both backends).
+
     Synchronisation: `merge` synchronises with the host once, to read how many tokens are
     retained and allocate the compact retained store (N rows, no padding), which keeps the
     stored bytes at their minimum. Everything else is asynchronous.
@@ -66,11 +69,12 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got {magnitude!r}")
     if d_range is not None:
         d_range = _check_d_range(d_range, x_prev)
-    if select_backend(x_prev.device) == "triton":
-        from .kernels.merge import merge_triton
-        return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range)
-    from .torch_merge import merge_torch
-    return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range)
+    with torch.no_grad():   # not differentiable: inputs that require grad are read as data
+        if select_backend(x_prev.device) == "triton":
+            from .kernels.merge import merge_triton
+            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range)
+        from .torch_merge import merge_torch
+        return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range)
 
 
 def restore(m: MergedPair, layer: str | None = None):
@@ -87,11 +91,12 @@ def restore(m: MergedPair, layer: str | None = None):
     check_pair("m", m)
     if layer not in (None, "prev", "cur"):
         raise ValueError(f"layer: expected None, 'prev' or 'cur', got {layer!r}")
-    if select_backend(m.device) == "triton":
-        from .kernels.restore import restore_triton
-        return restore_triton(m, layer)
-    from .torch_merge import restore_torch
-    return restore_torch(m, layer)
+    with torch.no_grad():
+        if select_backend(m.device) == "triton":
+            from .kernels.restore import restore_triton
+            return restore_triton(m, layer)
+        from .torch_merge import restore_torch
+        return restore_torch(m, layer)
 
 
 def check_pair(name: str, m) -> MergedPair:
@@ -119,16 +124,22 @@ def check_pair(name: str, m) -> MergedPair:
                          ("d_max", torch.float32)):
         if getattr(m, field).dtype != dtype:
             raise TypeError(f"{name}.{field}: expected {dtype}, got {getattr(m, field).dtype}")
+    for field in ("d_min", "d_max"):
+        if tuple(getattr(m, field).shape) != (B, H):
+            raise ValueError(f"{name}.{field}: shape {tuple(getattr(m, field).shape)} does not "
+                             f"match e's [B, H] = {(B, H)}")
     for field in ("mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max"):
         if getattr(m, field).device != m.e.device:
             raise ValueError(f"{name}.{field}: device {getattr(m, field).device} does not match "
                              f"e's {m.e.device}")
     if m.slot.device.type == "cpu" and m.slot.numel():
-        # A slot past the store would read outside it; on CUDA this check would synchronise.
-        top = int(m.slot.max())
-        if top >= m.kept_prev.shape[0]:
-            raise ValueError(f"{name}.slot: row {top} is outside the retained store of "
-                             f"{m.kept_prev.shape[0]} rows")
+        # Slots are -1 (merged) or the rows 0..N-1 of the store: a slot past the store would read
+        # outside it. One pass (on CUDA this check would synchronise: it runs on CPU pairs).
+        lo, hi = (int(v) for v in torch.aminmax(m.slot))
+        n = m.kept_prev.shape[0]
+        if lo < -1 or hi != n - 1:
+            raise ValueError(f"{name}.slot: expected -1 (merged) or the rows 0..{n - 1} of the "
+                             f"retained store, got values from {lo} to {hi}")
     return m
 
 

@@ -112,11 +112,16 @@ class MergedPair:
 
     @staticmethod
     def cat(pairs: "list[MergedPair]") -> "MergedPair":
-        """Join pairs of the same B, H, D, dtype and settings along the token axis S.
+        """Join pairs of the same B, H, D, dtype, device and settings (t, gamma, magnitude)
+        along the token axis S. `pairs`: any sequence or iterable of MergedPairs.
 
         The retained stores are concatenated and re-ordered so that rows stay in (b, h, s)
         row-major order; `d_min`/`d_max` become the extremes over all pairs.
         """
+        if isinstance(pairs, MergedPair) or not hasattr(pairs, "__iter__"):
+            raise TypeError(f"pairs: expected a sequence of MergedPairs, got "
+                            f"{type(pairs).__name__}")
+        pairs = list(pairs)
         if not pairs:
             raise ValueError("pairs: expected at least one MergedPair, got an empty list")
         for i, p in enumerate(pairs):
@@ -128,11 +133,16 @@ class MergedPair:
         B, H, _, D = first.shape
         for i, p in enumerate(pairs[1:], 1):
             if (p.shape[0], p.shape[1], p.shape[3]) != (B, H, D) or p.dtype != first.dtype \
-                    or p.device != first.device or p.magnitude != first.magnitude:
+                    or p.device != first.device:
                 raise ValueError(
-                    f"pairs[{i}]: shape {p.shape}, dtype {p.dtype}, device {p.device}, "
-                    f"magnitude {p.magnitude!r} do not match pairs[0] ({first.shape}, "
-                    f"{first.dtype}, {first.device}, {first.magnitude!r})")
+                    f"pairs[{i}]: shape {p.shape}, dtype {p.dtype}, device {p.device} do not "
+                    f"match pairs[0]'s ({first.shape}, {first.dtype}, {first.device}): the "
+                    f"same B, H, D, dtype and device are needed")
+            if (p.t, p.gamma, p.magnitude) != (first.t, first.gamma, first.magnitude):
+                raise ValueError(
+                    f"pairs[{i}]: settings t={p.t}, gamma={p.gamma}, magnitude={p.magnitude!r} "
+                    f"differ from pairs[0]'s (t={first.t}, gamma={first.gamma}, "
+                    f"magnitude={first.magnitude!r})")
         e = torch.cat([p.e for p in pairs], dim=2)
         mag_prev = torch.cat([p.mag_prev for p in pairs], dim=2)
         mag_cur = torch.cat([p.mag_cur for p in pairs], dim=2)

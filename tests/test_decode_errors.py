@@ -116,6 +116,19 @@ def test_bad_input_raises(name):
     assert text in str(info.value), f"{name}: {info.value!s} does not mention {text!r}"
 
 
+def test_sm_scale_number_types():
+    """Any real number is a scale: numpy scalars and one-element tensors give the float's
+    result."""
+    import numpy as np
+
+    a = args()
+    want = call(dict(a, sm_scale=0.25))
+    for scale in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor([0.25])):
+        assert torch.equal(call(dict(a, sm_scale=scale)), want)
+    with pytest.raises(TypeError, match="sm_scale"):
+        call(dict(a, sm_scale=torch.tensor([0.25, 0.5])))
+
+
 def test_device_mismatch_of_pair():
     k = pair()
     k_meta = MergedPair(*(x.to("meta") for x in k.tensors()), k.t, k.gamma, k.magnitude)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,10 +70,30 @@ def test_t_gamma_range(backend, pair, name, value):
 
 
 @pytest.mark.parametrize("name", ["t", "gamma"])
-@pytest.mark.parametrize("value", ["0.5", None, True, [0.5]])
+@pytest.mark.parametrize("value", ["0.5", None, True, [0.5], 0.5j, torch.tensor([0.5, 0.5]),
+                                   torch.tensor(True)])
 def test_t_gamma_type(backend, pair, name, value):
     xp, xc = pair
     _raises(TypeError, f"{name}: expected", minitriton.merge, xp, xc, **{name: value})
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(0),
+                                   torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)])
+def test_t_gamma_numbers(backend, pair, value):
+    """Any real number type is a number: numpy scalars and one-element tensors included."""
+    m = minitriton.merge(*pair, t=value, gamma=value)
+    assert m.t == float(value) and m.gamma == float(value)
+
+
+def test_inputs_that_require_grad(backend, pair):
+    """merge is not differentiable: inputs that require grad are read as data (on both
+    backends), the result equals the plain one and nothing in it requires grad."""
+    xp, xc = pair
+    m = minitriton.merge(xp.clone().requires_grad_(), xc, 0.6, 0.2, "projection")
+    ref = minitriton.merge(xp, xc, 0.6, 0.2, "projection")
+    for a, b in zip(m.tensors(), ref.tensors()):
+        assert torch.equal(a, b) and not a.requires_grad
+    assert not any(x.requires_grad for x in minitriton.restore(m))
 
 
 def test_magnitude_mode(backend, pair):
@@ -142,12 +163,33 @@ def test_nothing_written_on_error(backend, pair):
 @pytest.mark.parametrize("field,value,exc,match", [
     ("mag_prev", lambda m: m.mag_prev.double(), TypeError, "m.mag_prev: expected torch.float32"),
     ("slot", lambda m: m.slot.long(), TypeError, "m.slot: expected torch.int32"),
-    ("slot", lambda m: m.slot.abs() + 5, ValueError, "m.slot: row .* outside the retained store"),
+    ("slot", lambda m: m.slot.abs() + 5, ValueError, "m.slot: expected -1 .* got values from"),
+    ("slot", lambda m: torch.full_like(m.slot, -2), ValueError, "m.slot: expected -1 .* from -2"),
+    ("slot", lambda m: torch.full_like(m.slot, -1), ValueError, "m.slot: expected -1 .* to -1"),
+    ("d_min", lambda m: m.d_min[:, :1], ValueError, r"m.d_min: shape \(1, 1\) does not match"),
     ("kept_cur", lambda m: m.kept_cur[:0], ValueError, "kept_prev .* and kept_cur .* differ"),
 ])
 def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
     import dataclasses
     m = minitriton.merge(*pair, gamma=0.5)
-    if pair[0].device.type != "cpu" and "outside" in match:
+    assert m.num_retained > 0
+    if pair[0].device.type != "cpu" and "m.slot: expected -1" in match:
         pytest.skip("the slot range is checked on CPU only (on CUDA it would synchronise)")
     _raises(exc, match, minitriton.restore, dataclasses.replace(m, **{field: value(m)}))
+
+
+def test_cat_arguments(pair):
+    """MergedPair.cat joins only pairs merged alike, and names what differs."""
+    xp, xc = pair
+    a = minitriton.merge(xp[:, :, :3], xc[:, :, :3], 0.6, 0.3)
+    joined = minitriton.MergedPair.cat(p for p in (a, minitriton.merge(xp[:, :, 3:], xc[:, :, 3:],
+                                                                       0.6, 0.3)))
+    assert joined.shape == xp.shape                         # any iterable of pairs
+    for other, match in ((minitriton.merge(xp, xc, 0.1, 0.3), "pairs\\[1\\]: settings t=0.1"),
+                         (minitriton.merge(xp, xc, 0.6, 0.9), "gamma=0.9"),
+                         (minitriton.merge(xp, xc, 0.6, 0.3, "projection"), "'projection'"),
+                         (minitriton.merge(xp.half(), xc.half(), 0.6, 0.3), "dtype")):
+        _raises(ValueError, match, minitriton.MergedPair.cat, [a, other])
+    _raises(TypeError, "pairs: expected a sequence", minitriton.MergedPair.cat, a)
+    _raises(TypeError, "pairs\\[1\\]: expected a MergedPair", minitriton.MergedPair.cat, [a, 1])
+    _raises(ValueError, "pairs: expected at least one", minitriton.MergedPair.cat, [])
