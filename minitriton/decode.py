@@ -41,7 +41,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
             q's dtype and device, any strides), e.g. the tokens since the last merge.
         seq_lens: optional int32 `[B]` on q's device, values in [0, S]; default S for all rows.
         tail_lens: optional int32 `[B]` on q's device, values in [0, T]; default T.
-        sm_scale: softmax scale; default 1 / sqrt(D).
+        sm_scale: softmax scale, a number (a one-element tensor is read on the host: keep it
+            on the CPU when capturing a CUDA graph); default 1 / sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores.
         num_splits: Triton path only: split the token axis over this many programs per KV head
             (1 to 1024; more splits than blocks is allowed and only wastes a little). Default: a

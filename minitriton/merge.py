@@ -28,7 +28,8 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     Args:
         x_prev, x_cur: `[B, H, S, D]` states of layer l-1 and layer l; float16, bfloat16 or
             float32 (the same), on one device, any strides (never copied to contiguous).
-            16 <= D <= 256. Squared norms must fit in float32 (|x| < 1.8e19).
+            16 <= D <= 256. Squared norms must be normal float32 numbers, 1.1e-19 < |x| <
+            1.8e19 (below, precision drops, and under ~1e-22 a vector counts as zero).
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant.
         magnitude: "norm" (default) or "projection".
@@ -83,6 +84,10 @@ def restore(m: MergedPair, layer: str | None = None):
 
         x_prev_hat = mag_prev * e,  x_cur_hat = mag_cur * e,  retained tokens = their originals
         (bit-exact).
+
+    The Triton kernel is autotuned per head dim and dtype: its first call for each benchmarks
+    a few tile configs (host synchronisations), so call it once before capturing it in a CUDA
+    graph, or set MINITRITON_AUTOTUNE=0 before importing minitriton (one fixed config).
 
     Example:
         >>> x_prev_hat, x_cur_hat = minitriton.restore(minitriton.merge(x_prev, x_cur))

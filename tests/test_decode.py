@@ -178,6 +178,12 @@ def test_strided_inputs(backend, device):
                 or e.is_contiguous())
     o = decode_attention(q_wide[..., ::2], k, c.v, layer="cur", k_tail=kt, v_tail=vt)
     assert_close(o, o_ref, torch.float32, what="strided vs contiguous")
+    # Lengths read through a stride: columns of a [B, 2] int32 table.
+    lens = i32([[21, 3], [6, 1]], device)
+    o_ref = c.check("cur", seq_lens=lens[:, 0].contiguous(), tail_lens=lens[:, 1].contiguous())[0]
+    assert lens[:, 0].stride(0) == 2
+    o = c.run("cur", seq_lens=lens[:, 0], tail_lens=lens[:, 1])[0]
+    assert torch.equal(o, o_ref)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 23, 40])

@@ -469,3 +469,50 @@ def test_torch_restore_chunks_do_not_change_the_result(monkeypatch, dtype, layou
         for got, want in zip(minitriton.restore(m), whole):
             assert torch.equal(got, want), tokens
         assert torch.equal(minitriton.restore(m, layer="cur"), whole[1])
+
+
+def test_launch_grids_fit_cuda_limits(monkeypatch):
+    """Merge and restore launch (S tiles, H, B) grids: CUDA allows 2^31 - 1 programs on axis x
+    and 65535 on y and z, so a batch beyond 65535 is launched in chunks."""
+    import minitriton.kernels.merge as kmerge
+    import minitriton.kernels.restore as krestore
+
+    grids = {"merge": [], "restore": []}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids[self.name].append(grid(dict(BLOCK_S=8, **kwargs)))
+            return launch
+
+    monkeypatch.setattr(kmerge, "_merge_autotuned", Recorder("merge"))
+    monkeypatch.setattr(krestore, "_restore_autotuned", Recorder("restore"))
+    x = torch.ones(70000, 2, 17, 16)
+    m = kmerge.merge_triton(x, x, 0.6, 0.0, "norm")
+    krestore.restore_triton(m)
+    assert grids == {"merge": [(3, 2, 65535), (3, 2, 4465)],
+                     "restore": [(3, 2, 65535), (3, 2, 4465)]}
+    with pytest.raises(ValueError, match="H=65536 heads"):
+        kmerge.merge_triton(torch.ones(1, 65536, 1, 16), torch.ones(1, 65536, 1, 16), 0.6, 0.0,
+                            "norm")
+
+
+def test_batch_chunked_launches(device, monkeypatch):
+    """A batch launched in chunks gives the same result as in one launch (here chunks of 2
+    sequences: 2, 2, 1)."""
+    import minitriton.kernels.common as common
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    xp, xc = make_pair(5, 2, 19, 32, torch.bfloat16, device, seed=8, outliers=2,
+                       layout="bshd")
+    whole = minitriton.merge(xp, xc, 0.6, 0.2, "projection")
+    monkeypatch.setattr(common, "GRID_YZ_MAX", 2)
+    parts = minitriton.merge(xp, xc, 0.6, 0.2, "projection")
+    for a, b in zip(whole.tensors(), parts.tensors()):
+        assert torch.equal(a, b)
+    for a, b in zip(minitriton.restore(parts), restore_whole := minitriton.restore(whole)):
+        assert torch.equal(a, b)
+    assert torch.equal(minitriton.restore(parts, "cur"), restore_whole[1])

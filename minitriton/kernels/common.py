@@ -69,6 +69,18 @@ def tile_pruner(elems_per_thread: int):
     return prune
 
 
+# CUDA grid axes y and z take at most 65535 programs (x: 2^31 - 1).
+GRID_YZ_MAX = 65535
+
+
+def batch_chunks(B: int, H: int):
+    """Batch slices for launches on a (tiles, H, B) grid: H must fit axis y, and B is cut into
+    chunks that fit axis z (one chunk for any realistic batch)."""
+    if H > GRID_YZ_MAX:
+        raise ValueError(f"H={H} heads: at most {GRID_YZ_MAX} (a CUDA grid axis) are supported")
+    return [slice(b, min(B, b + GRID_YZ_MAX)) for b in range(0, B, GRID_YZ_MAX)]
+
+
 def torch_to_tl_dtype(dtype) -> str:
     import torch
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",

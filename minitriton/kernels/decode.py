@@ -297,19 +297,28 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
     chunk = triton.cdiv(triton.cdiv(max(S + T, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
     dev = q.device
-    if seq_lens is None:
-        seq_lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-    if has_tail and tail_lens is None:
-        tail_lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    # The kernel reads lengths with stride 1: a strided [B] view is copied (B int32 values; the
+    # copy is captured with the launches in a CUDA graph, so in-place updates still count).
+    seq_lens = (torch.full((B,), S, dtype=torch.int32, device=dev) if seq_lens is None
+                else seq_lens.contiguous())
+    if has_tail:
+        tail_lens = (torch.full((B,), T, dtype=torch.int32, device=dev) if tail_lens is None
+                     else tail_lens.contiguous())
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
     if workspace is None:
         workspace = torch.empty((B, Hq, num_splits, D + 2), dtype=torch.float32, device=dev)
-    if workspace.shape != (B, Hq, num_splits, D + 2) or workspace.stride(-1) != 1:
-        raise ValueError(f"workspace: expected a [B, Hq, num_splits, D + 2] float32 tensor with a "
-                         f"contiguous last dim, got shape {tuple(workspace.shape)}")
+    for name, x, shape, dtype in (("out", out, (B, Hq, D), q.dtype),
+                                  ("lse", lse, (B, Hq), torch.float32),
+                                  ("workspace", workspace, (B, Hq, num_splits, D + 2),
+                                   torch.float32)):
+        if tuple(x.shape) != shape or x.dtype != dtype or x.device != dev:
+            raise ValueError(f"{name}: expected a {list(shape)} {dtype} tensor on {dev}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if workspace.stride(-1) != 1:
+        raise ValueError("workspace: expected a contiguous last dim")
 
     mag_k, kept_k = _layer_parts(k, layer)
     mag_v, kept_v = _layer_parts(v, layer)

@@ -19,8 +19,8 @@ import triton.language as tl
 from ..pair import MergedPair
 from ..reference import LERP_EPS, SIN_EPS
 from ..retention import finish_merge
-from .common import (PI, atan2_nonneg, block_d, tile_pruner, token_tile_autotune_configs,
-                     token_tile_configs)
+from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner,
+                     token_tile_autotune_configs, token_tile_configs)
 
 # Globals a kernel reads must be constexpr.
 _PI = tl.constexpr(PI)
@@ -43,9 +43,12 @@ def _merge_kernel(
     t,
     PROJECTION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Grid (S tiles, H, B): axis x takes up to 2^31 - 1 tiles, y and z up to 65535 (the
+    # launcher splits a larger batch); no integer division.
     i_s = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
     m_s = o_s < S
@@ -56,9 +59,10 @@ def _merge_kernel(
     b_xp = tl.load(p_xp, mask=m_sd, other=0.0).to(tl.float32)               # [BLOCK_S, BLOCK_D]
     b_xc = tl.load(p_xc, mask=m_sd, other=0.0).to(tl.float32)
 
-    # Magnitudes and directions (a zero vector has direction 0).
-    n_p = tl.sqrt(tl.sum(b_xp * b_xp, axis=1))                               # [BLOCK_S]
-    n_c = tl.sqrt(tl.sum(b_xc * b_xc, axis=1))
+    # Magnitudes and directions (a zero vector has direction 0). sqrt_rn: tl.sqrt is the GPU's
+    # approximate square root, which flushes a subnormal sum of squares (|x| < 1.1e-19) to 0.
+    n_p = tl.sqrt_rn(tl.sum(b_xp * b_xp, axis=1))                            # [BLOCK_S]
+    n_c = tl.sqrt_rn(tl.sum(b_xc * b_xc, axis=1))
     zero = (n_p == 0) | (n_c == 0)
     inv_p = tl.where(n_p > 0, 1.0 / tl.where(n_p > 0, n_p, 1.0), 0.0)
     inv_c = tl.where(n_c > 0, 1.0 / tl.where(n_c > 0, n_c, 1.0), 0.0)
@@ -166,11 +170,13 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
     d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=dev)
     d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=dev)
     if S > 0 and B * H > 0:
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), B * H)  # noqa: E731
-        _merge_autotuned[grid](
-            x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, H, S, D,
-            *x_prev.stride(), *x_cur.stride(), t,
-            PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
+        for b in batch_chunks(B, H):
+            grid = lambda meta, nb=b.stop - b.start: (  # noqa: E731
+                triton.cdiv(S, meta["BLOCK_S"]), H, nb)
+            _merge_autotuned[grid](
+                x_prev[b], x_cur[b], e[b], mag_p[b], mag_c[b], d[b], d_min[b], d_max[b],
+                H, S, D, *x_prev.stride(), *x_cur.stride(), t,
+                PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
                         d_range, gather=gather_retained_triton)
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from .common import block_d, tile_pruner, token_tile_autotune_configs, token_tile_configs
+from .common import (batch_chunks, block_d, tile_pruner, token_tile_autotune_configs,
+                     token_tile_configs)
 
 
 # At most 16 elements of a [BLOCK_S, BLOCK_D] tile per thread (32 spill at D = 256).
@@ -30,9 +31,12 @@ def _restore_kernel(
     WRITE_PREV: tl.constexpr, WRITE_CUR: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Grid (S tiles, H, B): axis x takes up to 2^31 - 1 tiles, y and z up to 65535 (the
+    # launcher splits a larger batch); no integer division.
     i_s = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
     m_s = o_s < S
@@ -80,11 +84,16 @@ def restore_triton(m: MergedPair, layer=None):
     any_out = out_p if want_p else out_c
     small = [x.contiguous() for x in (m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)]
     if any_out.numel():
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), B * H)  # noqa: E731
-        _restore_autotuned[grid](
-            m.e, *small, out_p if want_p else any_out, out_c if want_c else any_out,
-            H, S, D, *m.e.stride(), *any_out.stride(), WRITE_PREV=want_p, WRITE_CUR=want_c,
-            BLOCK_D=block_d(D))
+        mag_p, mag_c, slot, kept_p, kept_c = small
+        o_p, o_c = (out_p if want_p else any_out), (out_c if want_c else any_out)
+        for b in batch_chunks(B, H):
+            grid = lambda meta, nb=b.stop - b.start: (  # noqa: E731
+                triton.cdiv(S, meta["BLOCK_S"]), H, nb)
+            # Slots index the whole store: it is passed whole, the per-token tensors sliced.
+            _restore_autotuned[grid](
+                m.e[b], mag_p[b], mag_c[b], slot[b], kept_p, kept_c, o_p[b], o_c[b],
+                H, S, D, *m.e.stride(), *any_out.stride(), WRITE_PREV=want_p,
+                WRITE_CUR=want_c, BLOCK_D=block_d(D))
     if layer is None:
         return out_p, out_c
     return out_p if want_p else out_c
