@@ -60,3 +60,12 @@ def check_unit_interval(name: str, v) -> float:
     if math.isnan(v) or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name}: expected a value in [0, 1], got {v!r}")
     return v
+
+
+def check_index(name: str, v, what: str = "an int") -> int:
+    """An integer >= 0 (Python or numpy; not a bool), returned as int."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected {what} >= 0, got {type(v).__name__} {v!r}")
+    if v < 0:
+        raise ValueError(f"{name}: expected {what} >= 0, got {v!r}")
+    return int(v)

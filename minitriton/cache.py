@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_head_dim, check_tensor
+from ._checks import check_head_dim, check_index, check_tensor
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -244,10 +244,11 @@ class MiniCache:
     def __init__(self, num_layers: int, plan=None, *, t: float = DEFAULT_T,
                  gamma: float = DEFAULT_GAMMA, magnitude: str = "norm", sink: int = 0,
                  window: int = DEFAULT_WINDOW):
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window: expected an int >= 1, got {window!r}")
+        num_layers = check_index("num_layers", num_layers)
+        window = check_index("window", window)
+        for name, v in (("num_layers", num_layers), ("window", window)):
+            if v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v}")
         settings = dict(t=t, gamma=gamma, magnitude=magnitude, sink=sink)
         if plan is None:
             plan = MergePlan.paper(num_layers, **settings)
@@ -257,6 +258,7 @@ class MiniCache:
             plan = MergePlan(plan.pairs, num_layers=num_layers)
         self.num_layers, self.plan, self.window = num_layers, plan, window
         self._pairs = {s.prev: _Pair(s) for s in plan}
+        self._slerp = any(s.method == "slerp" for s in plan)
         self._dense_k: list = [None] * num_layers
         self._dense_v: list = [None] * num_layers
 
@@ -316,10 +318,15 @@ class MiniCache:
 
     def _check_states(self, layer: int, k, v, pair) -> None:
         """New states must be like those the layer (or its pair) already holds: batch, heads,
-        head dim, dtype and device; a merged pair's also mergeable (dtype, head dim). Checked
+        head dim, dtype and device; a merged pair's also mergeable (dtype, head dim), and with
+        any merged pair in the plan every layer's in a mergeable dtype (so a model whose states
+        cannot be merged fails at its first layer, not halfway through a forward). Checked
         before anything is stored, so a rejected update leaves the cache as it was."""
         if pair is None:
             refs = (self._dense_k[layer], self._dense_v[layer])
+            if self._slerp:   # a model whose merged layers will not take these fails here
+                check_tensor("k", k)
+                check_tensor("v", v)
         else:
             for name, x in (("k", k), ("v", v)):
                 check_tensor(name, x)
@@ -436,8 +443,9 @@ class MiniCache:
 
     @property
     def compression_ratio(self) -> float:
-        """dense_nbytes / nbytes (1.0 for an empty plan)."""
-        return self.dense_nbytes / max(self.nbytes, 1)
+        """dense_nbytes / nbytes (1.0 for an empty plan, and for a cache that holds nothing)."""
+        nbytes = self.nbytes
+        return self.dense_nbytes / nbytes if nbytes else 1.0
 
     def retained_fraction(self) -> Optional[float]:
         """Fraction of merged token pairs retained (keys and values together), or None."""
@@ -478,9 +486,20 @@ class MiniCache:
             raise ValueError(f"index: expected a 1-d tensor, got shape {tuple(index.shape)}")
         if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
             raise TypeError(f"index: expected an integer tensor, got dtype {index.dtype}")
+        B = next((int(k.shape[0]) for k, _ in map(self.shape_ref, range(self.num_layers))
+                  if k is not None), None)
+        if B is not None and index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < -B or hi >= B:
+                raise ValueError(f"index: batch rows from {lo} to {hi} are out of range for a "
+                                 f"batch of {B}")
         self._edit(index, None)
 
     def _edit(self, b_idx, length: Optional[int]) -> None:
+        for pair in self._pairs.values():   # before anything is edited
+            if pair.pending is not None:
+                raise RuntimeError(f"cannot crop or reorder pair ({pair.spec.prev},"
+                                   f"{pair.spec.cur}) in the middle of its prefill")
         for i in range(self.num_layers):
             if self.plan.lookup(i) is None:
                 for store in (self._dense_k, self._dense_v):

@@ -59,6 +59,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     would need a host synchronisation, so it is not made there; instead the kernels clamp each
     length into its range, so an out-of-range value never reads outside the cache.
 
+    Not differentiable (an inference kernel): no output requires grad; the transformers
+    integration attends through restore + sdpa when a step needs gradients.
+
     CUDA graphs: the Triton path makes no host synchronisation (no .item(), no nonzero, no
     shape that depends on data) and allocates its outputs and float32 partials before the
     launches, so a call can be captured in a CUDA graph and replayed; the lengths are read from
@@ -73,14 +76,15 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     """
     q, k_tail, v_tail, seq_lens, tail_lens, scale = _check_args(
         q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
-    if select_backend(q.device) == "triton":
-        from .kernels.decode import decode_attention_triton
-        o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
-                                         scale, num_splits)
-    else:
-        from .torch_decode import decode_attention_torch
-        o, lse = decode_attention_torch(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
-                                        scale)
+    with torch.no_grad():   # not differentiable, on both backends
+        if select_backend(q.device) == "triton":
+            from .kernels.decode import decode_attention_triton
+            o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens,
+                                             tail_lens, scale, num_splits)
+        else:
+            from .torch_decode import decode_attention_torch
+            o, lse = decode_attention_torch(q, k, v, layer, k_tail, v_tail, seq_lens,
+                                            tail_lens, scale)
     return (o, lse) if return_lse else o
 
 

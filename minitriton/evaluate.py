@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -40,6 +41,10 @@ class Window:
 def token_windows(ids, n_windows: int = WINDOWS, *, start: int = 0, prefix: int = PREFIX,
                   continuation: int = CONTINUATION, stride: int = STRIDE) -> list[Window]:
     """Windows w = 0..n-1: prefix = ids[start + stride w : ... + prefix], then `continuation`."""
+    if isinstance(n_windows, bool) or not isinstance(n_windows, numbers.Integral):
+        raise TypeError(f"n_windows: expected an int, got {type(n_windows).__name__}")
+    if n_windows < 1:
+        raise ValueError(f"n_windows: expected at least 1 window, got {n_windows}")
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     out = []
     for w in range(n_windows):
@@ -126,6 +131,9 @@ def score_window(model, win: Window, plan, *, window: int = DEFAULT_WINDOW,
 def evaluate_plans(model, wins, configs: dict, *, window: int = DEFAULT_WINDOW, bar=None,
                    prefilled=None) -> dict:
     """name -> {"ppl", "compression", "nbytes", "dense_nbytes", "retained"} over `wins`."""
+    wins = list(wins)
+    if not wins:
+        raise ValueError("wins: expected at least one window, got none")
     prefilled = prefilled or [prefill(model, w.prefix) for w in wins]
     out = {}
     for name, plan in configs.items():

@@ -104,6 +104,19 @@ class MiniCacheLayer(CacheLayerMixin):
         self._owner.reorder_cache(beam_idx)
 
 
+def _check_head_dim(config) -> None:
+    """A plan that merges needs a head dim that merge supports: known from the config, so a
+    model that cannot be merged is refused before its first forward."""
+    from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    D = getattr(text, "head_dim", None)
+    if D is None and getattr(text, "num_attention_heads", None):
+        D = text.hidden_size // text.num_attention_heads
+    if isinstance(D, int) and not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"config: head dim {D} cannot be merged (merge supports "
+                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]); use plan=[] for a dense cache")
+
+
 class MiniCacheHF(Cache):
     """A transformers `Cache` that merges the KV states of adjacent layer pairs (MiniCache).
 
@@ -132,6 +145,8 @@ class MiniCacheHF(Cache):
             num_layers = int(text.num_hidden_layers)
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
+        if config is not None and any(s.method == "slerp" for s in self.core.plan):
+            _check_head_dim(config)
         self._config = config
         self.fused_decode = bool(fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
@@ -267,7 +282,7 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
     layer, scaled-dot-product attention otherwise (longer queries, masks that hide cached
-    tokens, soft-capped or sliding-window layers)."""
+    tokens, soft-capped or sliding-window layers, and steps that need gradients or dropout)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     mark = getattr(key, _MARK, None)
@@ -278,7 +293,9 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     # decode_attention has no logit soft-capping and no sliding window: such layers restore.
     plain = (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
              and getattr(module, "attn_logit_softcapping", None) is None)
-    if plain and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
+    # decode_attention is not differentiable and has no dropout: training steps restore.
+    inference = dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
+    if plain and inference and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
         k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
                              v_tail=v_extra, sm_scale=scaling)

@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Optional
 
+from ._checks import check_index, check_unit_interval
 from .pair import MAGNITUDE_MODES
 
 DEFAULT_T = 0.6
@@ -50,29 +53,20 @@ class PairSpec:
         return (self.prev, self.prev + 1)
 
     def check(self, num_layers: Optional[int] = None) -> "PairSpec":
-        if isinstance(self.prev, bool) or not isinstance(self.prev, int):
-            raise TypeError(f"prev: expected an int layer index, got {self.prev!r}")
-        if self.prev < 0:
-            raise ValueError(f"prev: expected a layer index >= 0, got {self.prev!r}")
-        if num_layers is not None and self.prev + 1 >= num_layers:
-            raise ValueError(f"pair ({self.prev}, {self.prev + 1}): layer {self.prev + 1} is out "
+        """The spec validated, with its numbers as Python int / float (numpy numbers are
+        accepted): TypeError or ValueError naming the field otherwise."""
+        prev = check_index("prev", self.prev, "a layer index")
+        if num_layers is not None and prev + 1 >= num_layers:
+            raise ValueError(f"pair ({prev}, {prev + 1}): layer {prev + 1} is out "
                              f"of range for num_layers={num_layers}")
-        for name in ("t", "gamma"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name}: expected a number in [0, 1], got {v!r}")
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+        t, gamma = check_unit_interval("t", self.t), check_unit_interval("gamma", self.gamma)
         if self.magnitude not in MAGNITUDE_MODES:
             raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got "
                              f"{self.magnitude!r}")
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int):
-            raise TypeError(f"sink: expected an int >= 0, got {self.sink!r}")
-        if self.sink < 0:
-            raise ValueError(f"sink: expected an int >= 0, got {self.sink!r}")
+        sink = check_index("sink", self.sink, "an int")
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        return self
+        return replace(self, prev=prev, t=t, gamma=gamma, sink=sink)
 
     def describe(self) -> str:
         """One line, e.g. `(15,16) slerp t=0.60 gamma=0.05 norm sink=0`."""
@@ -97,16 +91,22 @@ class MergePlan:
     def __init__(self, pairs: Iterable = (), *, t: float = DEFAULT_T,
                  gamma: float = DEFAULT_GAMMA, magnitude: str = "norm", sink: int = 0,
                  method: str = "slerp", num_layers: Optional[int] = None):
+        if num_layers is not None:
+            num_layers = check_index("num_layers", num_layers, "an int")
+        if isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
+            raise TypeError(f"pairs: expected an iterable of PairSpec, dict or (l, l + 1), got "
+                            f"{type(pairs).__name__}")
         specs = []
         for i, p in enumerate(pairs):
             if isinstance(p, PairSpec):
                 spec = p
             elif isinstance(p, dict):
-                spec = PairSpec(**p)
+                spec = _spec_from_dict(f"pairs[{i}]", p)
             elif isinstance(p, (tuple, list)) and len(p) == 2:
                 a, b = p
-                if any(isinstance(x, bool) or not isinstance(x, int) for x in p):
+                if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in p):
                     raise TypeError(f"pairs[{i}]: expected two int layer indices, got {p!r}")
+                a, b = int(a), int(b)
                 if b != a + 1:
                     raise ValueError(f"pairs[{i}]: expected adjacent layers (l, l + 1), got {p!r}")
                 spec = PairSpec(a, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
@@ -128,7 +128,10 @@ class MergePlan:
     @classmethod
     def paper(cls, num_layers: int, *, start: Optional[int] = None, **settings) -> "MergePlan":
         """The paper's plan: (s, s+1), (s+2, s+3), ... from s = num_layers // 2 while s + 1 < L."""
-        s = num_layers // 2 if start is None else start
+        num_layers = check_index("num_layers", num_layers, "an int")
+        if num_layers < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers}")
+        s = num_layers // 2 if start is None else check_index("start", start, "a layer index")
         return cls([(a, a + 1) for a in range(s, num_layers - 1, 2)], num_layers=num_layers,
                    **settings)
 
@@ -159,6 +162,24 @@ class MergePlan:
 
     @classmethod
     def from_json(cls, text: str, num_layers: Optional[int] = None) -> "MergePlan":
+        """The plan of `to_json` (`{"pairs": [...]}`), or a bare list of pairs; each pair a dict
+        of PairSpec fields or an `[l, l + 1]` list (with the default settings)."""
         data = json.loads(text)
-        pairs = data["pairs"] if isinstance(data, dict) else data
-        return cls([PairSpec(**p) for p in pairs], num_layers=num_layers)
+        if isinstance(data, dict):
+            if set(data) != {"pairs"}:
+                raise ValueError(f"text: expected {{\"pairs\": [...]}} or a list of pairs, got "
+                                 f"keys {sorted(data)}")
+            data = data["pairs"]
+        if not isinstance(data, list):
+            raise ValueError(f"text: expected {{\"pairs\": [...]}} or a list of pairs, got "
+                             f"{type(data).__name__}")
+        return cls(data, num_layers=num_layers)
+
+
+def _spec_from_dict(name: str, d: dict) -> PairSpec:
+    fields = {f.name for f in dataclasses.fields(PairSpec)}
+    unknown = sorted(set(d) - fields)
+    if unknown or "prev" not in d:
+        raise ValueError(f"{name}: expected PairSpec fields {sorted(fields)} with 'prev', got "
+                         f"keys {sorted(d)}")
+    return PairSpec(**d)

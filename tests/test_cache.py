@@ -408,3 +408,61 @@ def test_bad_updates():
         cache.update(0, k, k)
     with pytest.raises(ValueError, match="must match"):
         cache.update(1, k[:, :, :2], k[:, :, :2])
+
+
+def test_edits_are_checked_before_anything_changes():
+    """crop / select_batch in the middle of a pair's prefill, or with out-of-range rows, raise
+    and leave every layer as it was."""
+    L = 4
+    ks, vs = _states(L, 8, seed=3)
+    cache = MiniCache(L, [(2, 3)])
+    for layer in range(3):                                   # layer 2 waits for layer 3
+        cache.update(layer, ks[layer], vs[layer])
+    before = _snapshot(cache)
+    for edit in (lambda: cache.crop(3), lambda: cache.select_batch(torch.tensor([1, 0]))):
+        with pytest.raises(RuntimeError, match="middle of its prefill"):
+            edit()
+        _same(before, _snapshot(cache))
+    cache.update(3, ks[3], vs[3])
+    before = _snapshot(cache)
+    for bad in ([0, B], [-B - 1]):
+        with pytest.raises(ValueError, match="index: batch rows"):
+            cache.select_batch(torch.tensor(bad))
+        _same(before, _snapshot(cache))
+    cache.select_batch(torch.tensor([-1, 0]))                # negative rows count from the end
+    assert torch.equal(cache.get(0)[0], ks[0][[1, 0]])
+
+
+def test_plans_take_numpy_numbers_and_check_json():
+    import json
+
+    import numpy as np
+
+    plan = MergePlan([(np.int64(1), np.int64(2)), PairSpec(np.int32(4), t=np.float32(0.25),
+                                                           sink=np.int64(2))],
+                     gamma=np.float64(0.1), num_layers=np.int64(6))
+    assert [type(s.prev) for s in plan] == [int, int] and plan.pairs[1].t == 0.25
+    assert json.loads(plan.to_json()) and MergePlan.from_json(plan.to_json()) == plan
+    assert MergePlan.from_json("[[1, 2], {\"prev\": 4, \"t\": 0.25, \"sink\": 2}]",
+                               num_layers=6) == MergePlan([(1, 2), PairSpec(4, t=0.25, sink=2)],
+                                                          gamma=0.05)
+    cache = MiniCache(np.int64(6), plan, window=np.int64(4))
+    assert cache.num_layers == 6 and cache.window == 4
+    for text, match in (('{"x": 1}', "text: expected"), ("3", "text: expected"),
+                        ('[{"prev": 1, "tee": 0.5}]', "pairs\\[0\\]: expected PairSpec fields"),
+                        ('[{"t": 0.5}]', "pairs\\[0\\]: expected PairSpec fields")):
+        with pytest.raises(ValueError, match=match):
+            MergePlan.from_json(text)
+    with pytest.raises(ValueError, match="num_layers"):
+        MergePlan.paper(-4)
+    with pytest.raises(TypeError, match="num_layers"):
+        MergePlan.paper("30")
+    with pytest.raises(TypeError, match="pairs: expected an iterable"):
+        MergePlan(3)
+    with pytest.raises(TypeError, match="prev"):
+        PairSpec(1.0).check()
+    with pytest.raises(TypeError, match="num_layers"):
+        MiniCache(4.0)
+    with pytest.raises(ValueError, match="window"):
+        MiniCache(4, window=np.int64(0))
+    assert MiniCache(2, []).compression_ratio == 1.0

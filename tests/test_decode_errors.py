@@ -134,3 +134,12 @@ def test_device_mismatch_of_pair():
     k_meta = MergedPair(*(x.to("meta") for x in k.tensors()), k.t, k.gamma, k.magnitude)
     with pytest.raises(ValueError, match="k: device"):
         call(args(k=k_meta))
+
+
+def test_not_differentiable():
+    """q (or a tail) that requires grad is read as data: same output, which requires no grad."""
+    a = args()
+    want = call(dict(a))
+    o = call(dict(a, q=a["q"].clone().requires_grad_(),
+                  k_tail=a["k_tail"].clone().requires_grad_()))
+    assert torch.equal(o, want) and not o.requires_grad

@@ -101,3 +101,15 @@ def test_cli_parser():
     assert args.json and args.windows == 2 and args.func.__name__ == "cmd_eval"
     args = build_parser().parse_args(["demo"])
     assert args.out == "minitriton-demo"
+
+
+def test_windows_argument():
+    from minitriton.evaluate import token_windows
+
+    ids = torch.arange(2000)
+    assert len(token_windows(ids, 2)) == 2
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="n_windows: expected at least 1"):
+            token_windows(ids, bad)
+    with pytest.raises(TypeError, match="n_windows"):
+        token_windows(ids, 2.0)

@@ -164,3 +164,47 @@ def test_generate_with_padding_and_fused_decode(model, mode):
             model.set_attn_implementation(cfg)
     assert cache.fused_steps == 0 and cache.core.merged_pairs(3)[0].shape[2] > 0
     assert torch.equal(outs[0], outs[1])
+
+
+def test_steps_that_need_gradients_attend_through_restore(model):
+    """decode_attention is an inference kernel: with gradients enabled (or dropout), a
+    one-token step over a merged layer attends through restore + sdpa, and backward works;
+    the same step under no_grad runs fused, with the same logits."""
+    ids, tok = _ids(20, seed=6), _ids(1, seed=7)
+    cfg = model.config._attn_implementation
+    use_minitriton_attention(model)
+    try:
+        caches = [MiniCacheHF(model.config, [PairSpec(2)], window=4) for _ in range(2)]
+        with torch.no_grad():
+            for c in caches:
+                model(input_ids=ids, **cache_kwargs(model, c))
+            fused = model(input_ids=tok, **cache_kwargs(model, caches[0])).logits
+        assert caches[0].fused_steps == 2
+        trained = model(input_ids=tok, **cache_kwargs(model, caches[1])).logits
+        assert caches[1].fused_steps == 0 and trained.requires_grad
+        trained.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(trained.detach(), fused, rtol=1e-4, atol=1e-4)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.set_attn_implementation(cfg)
+
+
+def test_models_that_cannot_be_merged_are_refused_up_front(model):
+    """A head dim merge does not support is refused when the cache is built; states in a dtype
+    it does not support are refused at the first layer, before anything is stored."""
+    from transformers import LlamaConfig
+
+    small = LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="config: head dim 8"):
+        MiniCacheHF(small, [(2, 3)])
+    MiniCacheHF(small, [])                                   # a dense cache is fine
+    MiniCacheHF(small, [PairSpec(2, method="mean")])         # and so is averaging
+    cache = MiniCacheHF(model.config, [(2, 3)])
+    k = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="k: dtype torch.float64"):
+        cache.layers[0].update(k, k)
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+    assert cache.compression_ratio == 1.0                    # an empty cache
