@@ -39,6 +39,8 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
+# Unit roundoff of each dtype (half an ulp of 1): the error of one rounding to it.
+UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 # Angular distance: computed in float32 whatever the dtype (the torch path from arccos of a
 # rounded cosine, ~1e-4 off at 0.01 rad from 0 or pi, where it switches to the exact form), so
 # tokens this close to the threshold may go either way.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import minitriton
@@ -122,7 +122,7 @@ def test_group_sizes(backend, device, G):
     c.check("cur")
 
 
-@pytest.mark.parametrize("S,D", [(1, 64), (31, 80), (300, 128)])
+@pytest.mark.parametrize("S,D", [(1, 64), (31, 80), (300, 128), (9, 17), (12, 200), (7, 256)])
 def test_lengths_and_head_dims(backend, device, S, D):
     c = Case(B=1, H=1, G=2, S=S, T=2, D=D, dtype=torch.float16, device=device, seed=S)
     c.check("prev")
@@ -270,9 +270,13 @@ def test_with_merge_and_restore(backend, device):
                      what=f"decode vs restore, layer {layer}")
 
 
+@example(B=2, H=2, G=3, S=40, T=5, D=80, dtype=torch.bfloat16, layer="prev", ragged=True,
+         num_splits=3, seed=5)
+@example(B=1, H=1, G=7, S=13, T=1, D=256, dtype=torch.float16, layer="cur", ragged=False,
+         num_splits=None, seed=6)
 @given(B=st.integers(1, 3), H=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3, 4, 7]),
        S=st.sampled_from([0, 1, 2, 13, 40]), T=st.sampled_from([0, 1, 5]),
-       D=st.sampled_from([16, 48, 80]), dtype=st.sampled_from(DTYPES),
+       D=st.sampled_from([16, 17, 48, 80, 256]), dtype=st.sampled_from(DTYPES),
        layer=st.sampled_from(["prev", "cur"]), ragged=st.booleans(),
        num_splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
 def test_matches_reference_drawn(backend, device, B, H, G, S, T, D, dtype, layer, ragged,
