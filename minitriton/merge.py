@@ -28,8 +28,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     Args:
         x_prev, x_cur: `[B, H, S, D]` states of layer l-1 and layer l; float16, bfloat16 or
             float32 (the same), on one device, any strides (never copied to contiguous).
-            16 <= D <= 256. Squared norms must be normal float32 numbers, 1.1e-19 < |x| <
-            1.8e19 (below, precision drops, and under ~1e-22 a vector counts as zero).
+            16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
+            squared norm would overflow is scaled first. Below |x| = 1.1e-19 precision drops,
+            and under ~1e-22 a vector counts as zero (its squares underflow).
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant.
         magnitude: "norm" (default) or "projection".

@@ -55,7 +55,26 @@ def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
         cos[idx] = torch.cos(omega[idx])
 
 
-def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
+def _rescue_overflow(n_p, n_c, dot, x_prev, x_cur):
+    """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19): their norms again, in
+    place, from the vectors scaled by their largest component, and their cosine, as
+    (index, cos); None when there are none (always, for KV states). Only they are read again."""
+    big = torch.nonzero(~torch.isfinite(n_p + n_c + dot), as_tuple=True)
+    if not big[0].numel():
+        return None
+    units = []
+    for x, n in ((x_prev, n_p), (x_cur, n_c)):
+        rows = x[big].float()
+        top = rows.abs().amax(-1, keepdim=True)
+        rows = rows / torch.where(top > 0, top, 1.0)
+        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        n[big] = (top * norm)[:, 0]
+        units.append(rows / torch.where(norm > 0, norm, 1.0))
+    dot[big] = 0.0   # unused for these tokens: the cosine is given, projections use the vectors
+    return big, (units[0] * units[1]).sum(-1).clamp_(-1.0, 1.0)
+
+
+def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
     """Per-token scalars (a, b, d) such that e = a x_prev + b x_cur is the unit SLERP direction
     and d = Omega / pi, all float32 `[...]`; and the tokens whose e is computed from their
     vectors instead (see `_far_tokens`), as (index, e rows) or None.
@@ -67,6 +86,8 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
     inv_p = torch.reciprocal(n_p).nan_to_num_(posinf=0.0)           # direction 0 for x = 0
     inv_c = torch.reciprocal(n_c).nan_to_num_(posinf=0.0)
     cos = (dot * inv_p).mul_(inv_c).clamp_(-1.0, 1.0)                # 0 when either is zero
+    if big is not None:
+        cos[big[0]] = big[1]
     omega = torch.arccos(cos)
     _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c)
     sin = torch.sin(omega)
@@ -82,7 +103,8 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
         w_c[lin] = t * torch.sign(n_c[lin])
     n_e = (w_p * w_p).addcmul_(w_c, w_c).addcmul_(w_p * w_c, cos, value=2.0).clamp_(min=0.0)
     n_e.sqrt_()
-    far = _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur)   # (before n_e is used)
+    far = _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur,   # (before n_e is used)
+                      None if big is None else big[0])
     # No direction in between (antiparallel at t = 0.5, or a zero partner at t = 0 or 1): take
     # u_c, or u_p when x_cur is zero.
     deg = torch.nonzero(n_e < LERP_EPS, as_tuple=True)
@@ -96,15 +118,19 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur):
             omega.mul_(1.0 / math.pi), far)
 
 
-def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur):
-    """e of the nearly antiparallel tokens, from their vectors: (index, float32 rows) or None.
+def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
+    """e of the nearly antiparallel tokens (and of the tokens `also`: those whose squared norms
+    overflowed), from their vectors: (index, float32 rows) or None.
 
     Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
     like 1 / sin(Omega) while |e| stays 1), and so does x . e = a |x|^2 + b (x_prev . x_cur).
     For these tokens e is computed as the kernels do: w_p u_p + w_c u_c from the vectors,
     divided by its own norm (or u_c when that is below LERP_EPS). They are rare in real caches,
     so only they are read again."""
-    idx = torch.nonzero(cos < _COS_FAR, as_tuple=True)
+    far = cos < _COS_FAR
+    if also is not None:
+        far[also] = True
+    idx = torch.nonzero(far, as_tuple=True)
     if not idx[0].numel():
         return None
     u_p = x_prev[idx].float() * inv_p[idx].unsqueeze(-1)
@@ -152,7 +178,8 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_v[idx])
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_v[idx])
         torch.sum(prod, dim=-1, out=dot_v[idx])
-    a, b, d, far = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur)
+    big = _rescue_overflow(n_p, n_c, dot, x_prev, x_cur)
+    a, b, d, far = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur, big)
     a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
     for idx in chunks:
         if e.dtype == torch.float32:      # write e in place: no float32 copy to cast from

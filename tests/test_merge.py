@@ -214,8 +214,10 @@ def test_batch_invariant(backend, device, dtype):
             assert torch.equal(a, f[b:b + 1])
 
 
+@example(dtype=torch.float32, seed=1, scale=1e37)
+@example(dtype=torch.bfloat16, seed=2, scale=1e30)
 @given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 6e4]))
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 6e4, 1e19, 1e30, 1e37]))
 def test_finite_in_finite_out(backend, device, dtype, seed, scale):
     if dtype == torch.float16 and scale < 1e-6:
         scale = 1e-4                # below float16's subnormals the inputs are just zeros
@@ -226,6 +228,22 @@ def test_finite_in_finite_out(backend, device, dtype, seed, scale):
     m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude="projection")
     for x in (m.e, m.mag_prev, m.mag_cur, *minitriton.restore(m)):
         assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
+def test_huge_magnitudes(backend, device, dtype):
+    """Vectors whose squared norm overflows float32 (|x| far above 1.8e19) merge like any
+    other: the reference's e and magnitudes, and restores with their magnitudes."""
+    xp, xc = make_pair(2, 2, 11, 48, torch.float32, device, seed=3, outliers=2, scale=1e30)
+    xp[0, 0, :4] *= 1e-18                        # some rows in range, next to huge partners
+    xp, xc = xp.to(dtype), xc.to(dtype)
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.6, 0.2, magnitude)
+        check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, D_TOL, assert_close)
+        n = torch.linalg.vector_norm(xp.double(), dim=-1)
+        if magnitude == "norm":
+            got = torch.linalg.vector_norm(minitriton.restore(m, "prev").double(), dim=-1)
+            assert ((got - n).abs() <= (2 * UNIT[dtype] + 1e-6) * n).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)

@@ -28,6 +28,16 @@ _SIN_EPS = tl.constexpr(SIN_EPS)
 _LERP_EPS = tl.constexpr(LERP_EPS)
 
 
+_BIG = tl.constexpr(2.0 ** 60)
+
+
+@triton.jit
+def _row_scale(b_x):
+    """1 / (largest |component|) for rows with one above 2^60, else 1: `[BLOCK_S]`."""
+    big = tl.max(tl.abs(b_x), axis=1)
+    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big, 1.0), 1.0)
+
+
 # At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven float32
 # tiles live (inputs, directions, e and the difference/sum), and 16 a thread already spills on
 # sm_80 (215 registers + stack at BLOCK_S=32, D=128, 8 warps). BLOCK_S = 4 is not offered: at
@@ -61,8 +71,12 @@ def _merge_kernel(
 
     # Magnitudes and directions (a zero vector has direction 0). sqrt_rn: tl.sqrt is the GPU's
     # approximate square root, which flushes a subnormal sum of squares (|x| < 1.1e-19) to 0.
-    n_p = tl.sqrt_rn(tl.sum(b_xp * b_xp, axis=1))                            # [BLOCK_S]
-    n_c = tl.sqrt_rn(tl.sum(b_xc * b_xc, axis=1))
+    # A row with a component above 2^60 is scaled by its largest one before squaring (its sum
+    # of squares could overflow float32); every other row is multiplied by 1, exactly.
+    r_p = _row_scale(b_xp)                                                   # [BLOCK_S]
+    r_c = _row_scale(b_xc)
+    n_p = tl.sqrt_rn(tl.sum((b_xp * r_p[:, None]) * (b_xp * r_p[:, None]), axis=1)) / r_p
+    n_c = tl.sqrt_rn(tl.sum((b_xc * r_c[:, None]) * (b_xc * r_c[:, None]), axis=1)) / r_c
     zero = (n_p == 0) | (n_c == 0)
     inv_p = tl.where(n_p > 0, 1.0 / tl.where(n_p > 0, n_p, 1.0), 0.0)
     inv_c = tl.where(n_c > 0, 1.0 / tl.where(n_c > 0, n_c, 1.0), 0.0)
