@@ -318,8 +318,8 @@ class MiniCache:
 
     def _check_states(self, layer: int, k, v, pair) -> None:
         """New states must be like those the layer (or its pair) already holds: batch, heads,
-        head dim, dtype and device; a merged pair's also mergeable (dtype, head dim), and with
-        any merged pair in the plan every layer's in a mergeable dtype (so a model whose states
+        head dim, dtype and device; a slerp pair's also mergeable (dtype, head dim), and with
+        any slerp pair in the plan every layer's in a mergeable dtype (so a model whose states
         cannot be merged fails at its first layer, not halfway through a forward). Checked
         before anything is stored, so a rejected update leaves the cache as it was."""
         if pair is None:
@@ -328,9 +328,10 @@ class MiniCache:
                 check_tensor("k", k)
                 check_tensor("v", v)
         else:
-            for name, x in (("k", k), ("v", v)):
-                check_tensor(name, x)
-                check_head_dim(name, x.shape[3])
+            if pair.spec.method == "slerp":   # ("mean" pairs average any states)
+                for name, x in (("k", k), ("v", v)):
+                    check_tensor(name, x)
+                    check_head_dim(name, x.shape[3])
             refs = self.shape_ref(pair.spec.prev)
             if refs[0] is None:
                 refs = self.shape_ref(pair.spec.cur)

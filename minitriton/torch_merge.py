@@ -125,8 +125,8 @@ def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
     like 1 / sin(Omega) while |e| stays 1), and so does x . e = a |x|^2 + b (x_prev . x_cur).
     For these tokens e is computed as the kernels do: w_p u_p + w_c u_c from the vectors,
-    divided by its own norm (or u_c when that is below LERP_EPS). They are rare in real caches,
-    so only they are read again."""
+    divided by its own norm (or u_c, u_p when x_cur is zero, when that is below LERP_EPS).
+    They are rare in real caches, so only they are read again."""
     far = cos < _COS_FAR
     if also is not None:
         far[also] = True
@@ -137,8 +137,12 @@ def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
     e = u_p * w_p[idx].unsqueeze(-1) + u_c * w_c[idx].unsqueeze(-1)
     n_e = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-    deg = n_e < LERP_EPS     # both directions are non-zero here (cos < 0): take u_c
-    e = torch.where(deg, u_c, e) / torch.where(deg, 1.0, n_e)
+    # No direction in between: u_c, or u_p when x_cur is zero (a huge x_prev next to a zero
+    # x_cur at t ~ 1 lands here); 0 when both are.
+    deg = n_e < LERP_EPS
+    fallback = torch.where(inv_c[idx].unsqueeze(-1) > 0, u_c, u_p)
+    n_fb = torch.linalg.vector_norm(fallback, dim=-1, keepdim=True)
+    e = torch.where(deg, fallback, e) / torch.where(deg, n_fb, n_e).clamp(min=LERP_EPS)
     return idx, e
 
 

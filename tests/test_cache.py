@@ -466,3 +466,13 @@ def test_plans_take_numpy_numbers_and_check_json():
     with pytest.raises(ValueError, match="window"):
         MiniCache(4, window=np.int64(0))
     assert MiniCache(2, []).compression_ratio == 1.0
+
+
+def test_mean_pairs_take_any_states():
+    """A "mean" pair averages: no head-dim or dtype limit of merge applies to it."""
+    for D, dtype in ((8, torch.float32), (512, torch.float32), (16, torch.float64)):
+        cache = MiniCache(2, [PairSpec(0, method="mean")], window=4)
+        k = torch.randn(1, 2, 7, D, dtype=dtype)
+        cache.update(0, k, k)
+        cache.update(1, k, k)
+        assert cache.get(1)[0].shape == (1, 2, 7, D)

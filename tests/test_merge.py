@@ -244,6 +244,21 @@ def test_huge_magnitudes(backend, device, dtype):
         if magnitude == "norm":
             got = torch.linalg.vector_norm(minitriton.restore(m, "prev").double(), dim=-1)
             assert ((got - n).abs() <= (2 * UNIT[dtype] + 1e-6) * n).all()
+    # Rows at the scaling cutoff (D = 256 components near 2^56 .. 2^60), and a huge vector next
+    # to a zero one at t = 1, where it keeps its own direction.
+    D = 256
+    xp = torch.randn(1, 1, 4, D, generator=torch.Generator().manual_seed(1))
+    xc = xp.flip(-1).clone()
+    xp[0, 0, 0], xp[0, 0, 1] = 2.0 ** 60, 2.0 ** 56
+    xp[0, 0, 2, :8] = 2.0 ** 59
+    xc[0, 0, 3] = 0
+    xp[0, 0, 3] *= 1e30
+    xp, xc = xp.to(dtype), xc.to(dtype)
+    for t in (0.5, 1.0):
+        for magnitude in ("norm", "projection"):
+            m = minitriton.merge(xp, xc, t, 0.0, magnitude)
+            check_merge_against_reference(m, xp, xc, t, 0.0, magnitude, D_TOL, assert_close)
+            assert all(torch.isfinite(x).all() for x in (*m.tensors(), *minitriton.restore(m)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)

@@ -28,12 +28,14 @@ _SIN_EPS = tl.constexpr(SIN_EPS)
 _LERP_EPS = tl.constexpr(LERP_EPS)
 
 
-_BIG = tl.constexpr(2.0 ** 60)
+# Rows with a component above this are scaled before squaring: 256 components of 2^56 square
+# and sum to 2^120, far from float32's 2^128.
+_BIG = tl.constexpr(2.0 ** 56)
 
 
 @triton.jit
 def _row_scale(b_x):
-    """1 / (largest |component|) for rows with one above 2^60, else 1: `[BLOCK_S]`."""
+    """1 / (largest |component|) for rows with one above 2^56, else 1: `[BLOCK_S]`."""
     big = tl.max(tl.abs(b_x), axis=1)
     return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big, 1.0), 1.0)
 
@@ -71,7 +73,7 @@ def _merge_kernel(
 
     # Magnitudes and directions (a zero vector has direction 0). sqrt_rn: tl.sqrt is the GPU's
     # approximate square root, which flushes a subnormal sum of squares (|x| < 1.1e-19) to 0.
-    # A row with a component above 2^60 is scaled by its largest one before squaring (its sum
+    # A row with a component above 2^56 is scaled by its largest one before squaring (its sum
     # of squares could overflow float32); every other row is multiplied by 1, exactly.
     r_p = _row_scale(b_xp)                                                   # [BLOCK_S]
     r_c = _row_scale(b_xc)
