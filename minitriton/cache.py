@@ -271,7 +271,12 @@ class MiniCache:
         return int(layer)
 
     def _locate(self, layer: int):
-        found = self.plan.lookup(self._check_layer(layer))
+        """(pair, side) of a layer given by the caller (checked), or (None, None)."""
+        return self._pair_of(self._check_layer(layer))
+
+    def _pair_of(self, layer: int):
+        """(pair, side) of a checked layer index, or (None, None) for a dense layer."""
+        found = self.plan.lookup(layer)
         return (None, None) if found is None else (self._pairs[found[0].prev], found[1])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -285,7 +290,7 @@ class MiniCache:
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"v: [B, H, S] {tuple(v.shape[:3])} does not match k's "
                              f"{tuple(k.shape[:3])}")
-        pair, side = self._locate(layer)
+        pair, side = self._pair_of(layer)
         self._check_states(layer, k, v, pair)
         if pair is None:
             self._dense_k[layer] = _cat(self._dense_k[layer], k)
@@ -371,14 +376,14 @@ class MiniCache:
 
     def _get(self, layer: int, part: str):
         layer = self._check_layer(layer)
-        pair, side = self._locate(layer)
+        pair, side = self._pair_of(layer)
         if pair is None:
             return self._dense_k[layer], self._dense_v[layer]
         return pair.get(side, part)
 
     def seq_len(self, layer: int = 0) -> int:
         layer = self._check_layer(layer)
-        pair, side = self._locate(layer)
+        pair, side = self._pair_of(layer)
         return _len(self._dense_k[layer]) if pair is None else pair.seq_len(side)
 
     def decode_parts(self, layer: int):
@@ -431,6 +436,16 @@ class MiniCache:
         if pair.mk is not None:
             return pair.mk.e, pair.mv.e
         return None, None
+
+    def batch_size(self) -> Optional[int]:
+        """B of the states held, or None while the cache holds nothing."""
+        return next((int(k.shape[0]) for k, _ in map(self.shape_ref, range(self.num_layers))
+                     if k is not None), None)
+
+    @property
+    def merges(self) -> bool:
+        """True when the plan has a slerp pair (its states must suit `merge`)."""
+        return self._slerp
 
     @property
     def nbytes(self) -> int:
@@ -487,8 +502,7 @@ class MiniCache:
             raise ValueError(f"index: expected a 1-d tensor, got shape {tuple(index.shape)}")
         if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
             raise TypeError(f"index: expected an integer tensor, got dtype {index.dtype}")
-        B = next((int(k.shape[0]) for k, _ in map(self.shape_ref, range(self.num_layers))
-                  if k is not None), None)
+        B = self.batch_size()
         if B is not None and index.numel():
             lo, hi = int(index.min()), int(index.max())
             if lo < -B or hi >= B:

@@ -145,7 +145,7 @@ class MiniCacheHF(Cache):
             num_layers = int(text.num_hidden_layers)
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
-        if config is not None and any(s.method == "slerp" for s in self.core.plan):
+        if config is not None and self.core.merges:
             _check_head_dim(config)
         self._config = config
         self.fused_decode = bool(fused_decode)
@@ -209,13 +209,6 @@ class MiniCacheHF(Cache):
             keep = n
         self.core.crop(max(min(keep, current), 0))
 
-    def _batch_size(self) -> int:
-        for i in range(self.core.num_layers):
-            k = self.core.shape_ref(i)[0]
-            if k is not None:
-                return int(k.shape[0])
-        return 0
-
     def reorder_cache(self, beam_idx) -> None:
         if self.get_seq_length() > 0:
             self.core.select_batch(torch.as_tensor(beam_idx).long().cpu()
@@ -225,7 +218,7 @@ class MiniCacheHF(Cache):
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        B = self._batch_size()
+        B = self.core.batch_size()
         if B:
             self.core.select_batch(torch.arange(B).repeat_interleave(repeats))
 

@@ -77,7 +77,7 @@ def _rescue_overflow(n_p, n_c, dot, x_prev, x_cur):
 def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
     """Per-token scalars (a, b, d) such that e = a x_prev + b x_cur is the unit SLERP direction
     and d = Omega / pi, all float32 `[...]`; and the tokens whose e is computed from their
-    vectors instead (see `_far_tokens`), as (index, e rows) or None.
+    vectors instead (what `_far_tokens` returns).
 
     This runs once over every token, so it is written as few full-size ops as it can be: no
     boolean masks or `where` over all tokens (they cost several float ops each), only over the
@@ -120,12 +120,13 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
 
 def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     """e of the nearly antiparallel tokens (and of the tokens `also`: those whose squared norms
-    overflowed), from their vectors: (index, float32 rows) or None.
+    overflowed), from their vectors, with their projections x . e: (index, float32 e rows,
+    x_prev . e, x_cur . e), or None.
 
     Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
     like 1 / sin(Omega) while |e| stays 1), and so does x . e = a |x|^2 + b (x_prev . x_cur).
     For these tokens e is computed as the kernels do: w_p u_p + w_c u_c from the vectors,
-    divided by its own norm (or u_c, u_p when x_cur is zero, when that is below LERP_EPS).
+    divided by its own norm (or, when that is below LERP_EPS, u_c, or u_p when x_cur is zero).
     They are rare in real caches, so only they are read again."""
     far = cos < _COS_FAR
     if also is not None:
@@ -133,8 +134,9 @@ def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     idx = torch.nonzero(far, as_tuple=True)
     if not idx[0].numel():
         return None
-    u_p = x_prev[idx].float() * inv_p[idx].unsqueeze(-1)
-    u_c = x_cur[idx].float() * inv_c[idx].unsqueeze(-1)
+    xp, xc = x_prev[idx].float(), x_cur[idx].float()
+    u_p = xp * inv_p[idx].unsqueeze(-1)
+    u_c = xc * inv_c[idx].unsqueeze(-1)
     e = u_p * w_p[idx].unsqueeze(-1) + u_c * w_c[idx].unsqueeze(-1)
     n_e = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
     # No direction in between: u_c, or u_p when x_cur is zero (a huge x_prev next to a zero
@@ -143,7 +145,7 @@ def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     fallback = torch.where(inv_c[idx].unsqueeze(-1) > 0, u_c, u_p)
     n_fb = torch.linalg.vector_norm(fallback, dim=-1, keepdim=True)
     e = torch.where(deg, fallback, e) / torch.where(deg, n_fb, n_e).clamp(min=LERP_EPS)
-    return idx, e
+    return idx, e, (xp * e).sum(-1), (xc * e).sum(-1)
 
 
 def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
@@ -202,9 +204,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
         if far is not None:
-            idx, e_far = far
-            mag_p[idx] = (x_prev[idx].float() * e_far).sum(-1)
-            mag_c[idx] = (x_cur[idx].float() * e_far).sum(-1)
+            mag_p[far[0]], mag_c[far[0]] = far[2], far[3]
     if S:
         d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
     else:   # an empty row: the extremes of nothing (what the kernel's atomics start from)
