@@ -59,6 +59,10 @@ def _rescue_overflow(n_p, n_c, dot, x_prev, x_cur):
     """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19): their norms again, in
     place, from the vectors scaled by their largest component, and their cosine, as
     (index, cos); None when there are none (always, for KV states). Only they are read again."""
+    # One sum first: it is finite when every term is (bar an overflow of the sum itself, which
+    # only costs the full test below).
+    if torch.isfinite(n_p.sum() + n_c.sum() + dot.sum()):
+        return None
     big = torch.nonzero(~torch.isfinite(n_p + n_c + dot), as_tuple=True)
     if not big[0].numel():
         return None
@@ -82,38 +86,56 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
     This runs once over every token, so it is written as few full-size ops as it can be: no
     boolean masks or `where` over all tokens (they cost several float ops each), only over the
     rare tokens whose sin(Omega) is below SIN_EPS (the linear interpolation's weights) or whose
-    interpolation is zero."""
+    interpolation is zero. Whether there are any is read first from the extremes of the cosines
+    and norms (four reductions), so that inputs without them pay for no comparisons:
+      - sin(Omega) < SIN_EPS only for refined tokens (any other Omega is in [_REFINE_NEAR,
+        arccos(_COS_FAR)], where sin(Omega) > 0.0099);
+      - |e| < LERP_EPS only for far tokens or a zero partner (elsewhere cos >= _COS_FAR and a
+        weight >= 1/2 give |e|^2 >= 0.1 * 1/4)."""
     inv_p = torch.reciprocal(n_p).nan_to_num_(posinf=0.0)           # direction 0 for x = 0
     inv_c = torch.reciprocal(n_c).nan_to_num_(posinf=0.0)
     cos = (dot * inv_p).mul_(inv_c).clamp_(-1.0, 1.0)                # 0 when either is zero
     if big is not None:
         cos[big[0]] = big[1]
     omega = torch.arccos(cos)
-    _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c)
+    extremes = torch.stack((cos.amin(), cos.amax(), n_p.amin(), n_c.amin())) if cos.numel() \
+        else torch.tensor((0.0, 0.0, 1.0, 1.0))
+    lo, hi, min_p, min_c = extremes.tolist()
+    # (Written so that a NaN anywhere, which the extremes propagate, takes the full path.)
+    far_any = not lo >= _COS_FAR                 # some nearly antiparallel tokens
+    edge = far_any or not hi <= _COS_NEAR        # some tokens to refine
+    zeros = not (min_p > 0.0 and min_c > 0.0)    # some zero vectors
+    if edge:
+        _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c)
     sin = torch.sin(omega)
-    inv_sin = sin.clamp(min=SIN_EPS).reciprocal_()
+    inv_sin = (sin.clamp(min=SIN_EPS) if edge else sin).reciprocal_()   # (sin itself if not)
     w_p = torch.mul(omega, 1.0 - t).sin_().mul_(inv_sin)
     w_c = torch.mul(omega, t).sin_().mul_(inv_sin)
-    # Only non-zero directions contribute (sign(|x|) is 1 or 0).
-    w_p.mul_(torch.sign(n_p))
-    w_c.mul_(torch.sign(n_c))
-    lin = torch.nonzero(sin < SIN_EPS, as_tuple=True)   # (sin >= 0 up to rounding at pi)
-    if lin[0].numel():   # the linear interpolation's (1 - t, t), for non-zero directions
-        w_p[lin] = (1.0 - t) * torch.sign(n_p[lin])
-        w_c[lin] = t * torch.sign(n_c[lin])
-    n_e = (w_p * w_p).addcmul_(w_c, w_c).addcmul_(w_p * w_c, cos, value=2.0).clamp_(min=0.0)
-    n_e.sqrt_()
-    far = _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur,   # (before n_e is used)
-                      None if big is None else big[0])
+    if zeros:   # only non-zero directions contribute (sign(|x|) is 1 or 0)
+        w_p.mul_(torch.sign(n_p))
+        w_c.mul_(torch.sign(n_c))
+    if edge:
+        lin = torch.nonzero(sin < SIN_EPS, as_tuple=True)   # (sin >= 0 up to rounding at pi)
+        if lin[0].numel():   # the linear interpolation's (1 - t, t), for non-zero directions
+            w_p[lin] = (1.0 - t) * torch.sign(n_p[lin])
+            w_c[lin] = t * torch.sign(n_c[lin])
+    # (inv_sin's buffer is free from here on; each fresh buffer costs page faults)
+    n_e = (w_p * w_p).addcmul_(w_c, w_c).addcmul_(torch.mul(w_p, w_c, out=inv_sin), cos,
+                                                  value=2.0)
+    n_e.clamp_(min=0.0).sqrt_()
+    far = None
+    if far_any or big is not None:   # (before n_e is used)
+        far = _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur,
+                          None if big is None else big[0])
     # No direction in between (antiparallel at t = 0.5, or a zero partner at t = 0 or 1): take
     # u_c, or u_p when x_cur is zero.
-    deg = torch.nonzero(n_e < LERP_EPS, as_tuple=True)
-    if deg[0].numel():
+    deg = torch.nonzero(n_e < LERP_EPS, as_tuple=True) if far is not None or zeros else None
+    if deg is not None and deg[0].numel():
         has_c = torch.sign(n_c[deg])
         w_c[deg] = has_c
         w_p[deg] = (1.0 - has_c) * torch.sign(n_p[deg])
         n_e[deg] = w_p[deg] + w_c[deg]
-    inv_e = torch.reciprocal(n_e).nan_to_num_(posinf=0.0)
+    inv_e = n_e.reciprocal_().nan_to_num_(posinf=0.0)
     return (w_p.mul_(inv_p).mul_(inv_e), w_c.mul_(inv_c).mul_(inv_e),
             omega.mul_(1.0 / math.pi), far)
 
@@ -162,41 +184,48 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     n_p = torch.empty((B, H, S), dtype=torch.float32, device=dev)
     n_c = torch.empty_like(n_p)
     dot = torch.empty_like(n_p)
-    views, chunks = _token_chunks(x_prev, x_cur, dev.type == "cpu")
-    xp_v, xc_v = views
-    e_v, n_p_v, n_c_v, dot_v = (_like_view(y, xp_v) for y in (e, n_p, n_c, dot))
+    xp_v, xc_v, step = _token_views(x_prev, x_cur, dev.type == "cpu")
+    axis = xp_v.dim() - 2    # the token axis of the views
+
+    def pieces(y):   # chunk views of a `[B, H, S, ...]` tensor, made by one call
+        return _like_view(y, xp_v).split(step, axis)
+
     # One float32 scratch chunk, reused: the products x_prev * x_cur (summed into the dot) and,
     # for float16/bfloat16 inputs, the float32 copies. Reused memory stays in cache and is not
     # faulted in again chunk after chunk, as a fresh temporary per op would be.
-    scratch = [torch.empty(xp_v[chunks[0]].shape, dtype=torch.float32, device=dev)
-               for _ in range(1 if x_prev.dtype == torch.float32 else 3)] if chunks else []
-    for idx in chunks:
-        prod = scratch[0][_head(idx)]
+    first = xp_v.narrow(axis, 0, min(step, xp_v.shape[axis]))
+    scratch = [torch.empty(first.shape, dtype=torch.float32, device=dev)
+               for _ in range(1 if x_prev.dtype == torch.float32 else 3)]
+    xp_c, xc_c = xp_v.split(step, axis), xc_v.split(step, axis)
+    for xp_i, xc_i, n_p_i, n_c_i, dot_i in zip(xp_c, xc_c, *map(pieces, (n_p, n_c, dot))):
+        k = xp_i.shape[axis]
+        prod = scratch[0].narrow(axis, 0, k)
         if x_prev.dtype == torch.float32:
-            xp32, xc32 = xp_v[idx], xc_v[idx]
+            xp32, xc32 = xp_i, xc_i
         else:
-            xp32 = scratch[1][_head(idx)].copy_(xp_v[idx])
-            xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
+            xp32 = scratch[1].narrow(axis, 0, k).copy_(xp_i)
+            xc32 = scratch[2].narrow(axis, 0, k).copy_(xc_i)
         # The product first: one op streams both inputs in, the norms then read them from
         # cache. The dot sums the contiguous product, so its rounding does not depend on the
         # inputs' strides (the norms' may, by an ulp, when D itself is strided).
         torch.mul(xp32, xc32, out=prod)
-        torch.linalg.vector_norm(xp32, dim=-1, out=n_p_v[idx])
-        torch.linalg.vector_norm(xc32, dim=-1, out=n_c_v[idx])
-        torch.sum(prod, dim=-1, out=dot_v[idx])
+        torch.linalg.vector_norm(xp32, dim=-1, out=n_p_i)
+        torch.linalg.vector_norm(xc32, dim=-1, out=n_c_i)
+        torch.sum(prod, dim=-1, out=dot_i)
     big = _rescue_overflow(n_p, n_c, dot, x_prev, x_cur)
     a, b, d, far = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur, big)
-    a_v, b_v = (_like_view(y, xp_v).unsqueeze(-1) for y in (a, b))
-    for idx in chunks:
+    for xp_i, xc_i, e_i, a_i, b_i in zip(xp_c, xc_c, *map(pieces, (e, a.unsqueeze(-1),
+                                                                 b.unsqueeze(-1)))):
         if e.dtype == torch.float32:      # write e in place: no float32 copy to cast from
-            torch.mul(xp_v[idx], a_v[idx], out=e_v[idx])
-            e_v[idx].addcmul_(xc_v[idx], b_v[idx])
+            torch.mul(xp_i, a_i, out=e_i)
+            e_i.addcmul_(xc_i, b_i)
         else:   # float32 arithmetic on float32 copies in the reused scratch (a mixed-dtype op
             # would make a fresh float32 copy of its input), then one cast into e
-            xp32 = scratch[1][_head(idx)].copy_(xp_v[idx])
-            xc32 = scratch[2][_head(idx)].copy_(xc_v[idx])
-            xp32.mul_(a_v[idx]).addcmul_(xc32, b_v[idx])
-            e_v[idx].copy_(xp32)
+            k = xp_i.shape[axis]
+            xp32 = scratch[1].narrow(axis, 0, k).copy_(xp_i)
+            xc32 = scratch[2].narrow(axis, 0, k).copy_(xc_i)
+            xp32.mul_(a_i).addcmul_(xc32, b_i)
+            e_i.copy_(xp32)
     if far is not None:
         e[far[0]] = far[1].to(e.dtype)
     if magnitude == "norm":
@@ -214,8 +243,8 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
                         d_range, gather=gather_retained_torch)
 
 
-def _token_chunks(x_prev, x_cur, chunked: bool):
-    """Views of the inputs and the index of each chunk of tokens.
+def _token_views(x_prev, x_cur, chunked: bool):
+    """Views of the inputs to cut into chunks of tokens, and the tokens (rows) per chunk.
 
     Inputs whose (b, h, s) dims flatten without a copy are seen as `[B*H*S, D]` and cut into
     contiguous row ranges; others (e.g. a `[B, S, H, D]` buffer seen as `[B, H, S, D]`) stay
@@ -223,18 +252,11 @@ def _token_chunks(x_prev, x_cur, chunked: bool):
     B, H, S, D = x_prev.shape
     try:
         views = (x_prev.view(-1, D), x_cur.view(-1, D))
-        n, lead = B * H * S, ()
+        n, tokens_per_index = B * H * S, 1
     except RuntimeError:
-        views, n, lead = (x_prev, x_cur), S, (slice(None), slice(None))
-    tokens_per_index = 1 if not lead else B * H
-    step = n if not chunked else max(1, _CHUNK_BYTES // (8 * D * tokens_per_index))
-    return views, [lead + (slice(i, min(n, i + step)),) for i in range(0, n, step)]
-
-
-def _head(idx):
-    """The part of a chunk-sized buffer that the (possibly shorter, last) chunk `idx` fills."""
-    last = idx[-1]
-    return idx[:-1] + (slice(0, last.stop - last.start),)
+        views, n, tokens_per_index = (x_prev, x_cur), S, B * H
+    step = n if not chunked else _CHUNK_BYTES // (8 * D * tokens_per_index)
+    return views[0], views[1], max(1, step)
 
 
 def _like_view(y, ref_view):

@@ -359,6 +359,25 @@ def test_zero_partner_keeps_the_other_direction(backend, device, dtype, t):
     check_merge_against_reference(m, xp, xc, t, 0.0, "norm", D_TOL, assert_close)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
+    """A NaN in one (b, h) row changes nothing in the others, bit for bit, even where they hold
+    the rare tokens that take extra work (nearly parallel, nearly antiparallel, zero)."""
+    D = 48
+    xp1, xc1 = _pairs_at_angles([1e-3, 0.7, 1.3, math.pi - 0.3, 2.0, 0.4], D, device, dtype)
+    xc1[0, 0, 5] = 0.0
+    xp0, xc0 = make_pair(1, 1, 6, D, dtype, device, seed=3)
+    xp0[0, 0, 2] = float("nan")
+    xp, xc = torch.cat([xp0, xp1]), torch.cat([xc0, xc1])
+    for magnitude in ("norm", "projection"):
+        both = minitriton.merge(xp, xc, 0.6, 0.3, magnitude)
+        alone = minitriton.merge(xp1, xc1, 0.6, 0.3, magnitude)
+        for name in ("e", "mag_prev", "mag_cur", "retained", "d_min", "d_max"):
+            assert torch.equal(getattr(both, name)[1:], getattr(alone, name)), name
+        check_merge_against_reference(alone, xp1, xc1, 0.6, 0.3, magnitude, D_TOL,
+                                      assert_close)
+
+
 def test_inputs_not_modified(backend, device):
     xp, xc = make_pair(2, 2, 11, 32, torch.bfloat16, device, layout="bshd", outliers=1)
     before = (xp.clone(), xc.clone())
