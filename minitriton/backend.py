@@ -18,8 +18,14 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton's interpreter is on (kernels run on CPU tensors, through numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton's interpreter is on (kernels run on CPU tensors, through numpy), read
+    from TRITON_INTERPRET as Triton itself reads it: through its knobs from triton 3.4 (1, true,
+    yes, on), as "1" before."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend() -> str:

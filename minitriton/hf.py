@@ -33,7 +33,14 @@ from typing import Optional
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, CacheLayerMixin
+
+if not transformers.utils.is_torch_available():   # e.g. transformers 5 with torch < 2.6
+    raise ImportError(
+        f"minitriton.hf: transformers {transformers.__version__} does not enable torch "
+        f"{torch.__version__} (transformers 5 needs torch >= 2.6; with torch 2.4 or 2.5 use "
+        "transformers 4.57)")
+
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
 from .cache import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, MiniCache
 from .decode import decode_attention

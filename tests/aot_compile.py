@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -20,6 +21,10 @@ import sys
 import tempfile
 import time
 
+# The (major, minor) tritons whose compilers every config is checked spill-free with: 3.6 and
+# 3.9. The others compile every config too, with 8-64 byte spills in 4-16 of them (3.2-3.5,
+# 3.7, 3.8), which are printed but not a failure.
+SPILL_FREE = {(3, 6), (3, 9)}
 KERNEL_MODULES = ["minitriton.kernels.merge", "minitriton.kernels.restore",
                   "minitriton.kernels.decode"]
 
@@ -68,7 +73,10 @@ def compile_one(index: int, cc: int):
     name, fn, sig, constexprs, num_warps, num_stages = all_specs()[index]
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        # (triton 3.2 names the constexpr values `constants`, 3.3 on `constexprs`)
+        kw = "constexprs" if "constexprs" in inspect.signature(ASTSource).parameters \
+            else "constants"
+        src = ASTSource(fn=fn, signature=sig, **{kw: constexprs})
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as exc:  # report every failure, not only the first
@@ -85,28 +93,34 @@ def main(argv=None) -> int:
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--only", default="", help="compile only the specs whose name matches")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from minitriton.backend import interpreter_enabled
+
+    if interpreter_enabled():
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
         return 2
     specs = all_specs()
     picked = [i for i, s in enumerate(specs) if re.search(args.only, s[0])]
     jobs = [(i, cc) for i in picked for cc in args.cc]
-    failures = 0
+    import triton
+
+    strict = tuple(int(p) for p in triton.__version__.split(".")[:2]) in SPILL_FREE
+    failed = spilled = 0
     print(f"{'kernel/config':58s} {'target':7s} {'regs':>5s} {'smem':>6s} {'spill':>5s} "
           f"{'stack':>5s}")
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for name, cc, usage, err in pool.map(compile_one, *zip(*jobs), chunksize=4):
             if err:
-                failures += 1
+                failed += 1
                 print(f"{name:58s} sm_{cc:<4d} FAILED {err}")
                 continue
             spill = usage["SPILL_ST"] + usage["SPILL_LD"]
-            failures += bool(spill)
+            spilled += bool(spill)
             print(f"{name:58s} sm_{cc:<4d} {usage['REG']:5d} {usage['SMEM']:6d} "
                   f"{spill:5d} {usage['STACK']:5d}"
                   + ("  SPILLS" if spill else ""))
-    print(f"{len(jobs)} compiles, {failures} failed or spilled")
-    return 1 if failures else 0
+    print(f"{len(jobs)} compiles, {failed} failed, {spilled} spilled (triton {triton.__version__}"
+          f"{'' if strict else '; spills are checked with triton 3.6 and 3.9'})")
+    return 1 if failed or (spilled and strict) else 0
 
 
 if __name__ == "__main__":

@@ -165,3 +165,20 @@ def test_not_differentiable():
     o = call(dict(a, q=a["q"].clone().requires_grad_(),
                   k_tail=a["k_tail"].clone().requires_grad_()))
     assert torch.equal(o, want) and not o.requires_grad
+
+
+def test_interpreter_version_gate(monkeypatch):
+    """Triton's interpreter before 3.7 cannot run decode's loops under numpy 2.4: named, not a
+    failure deep in the interpreter."""
+    import numpy
+    import triton
+
+    from minitriton.kernels import decode as kdecode
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"triton >= 3.7 or numpy < 2.4 .*triton 3.6.0"):
+        kdecode._check_interpreter_loops()
+    for tv, nv in (("3.6.0", "2.3.5"), ("3.7.1", "2.4.1")):
+        monkeypatch.setattr(triton, "__version__", tv)
+        monkeypatch.setattr(numpy, "__version__", nv)
+        kdecode._check_interpreter_loops()

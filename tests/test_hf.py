@@ -208,3 +208,17 @@ def test_models_that_cannot_be_merged_are_refused_up_front(model):
         cache.layers[0].update(k, k)
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
     assert cache.compression_ratio == 1.0                    # an empty cache
+
+
+def test_transformers_without_torch_is_named():
+    """transformers 5 disables itself for torch < 2.6: importing minitriton.hf says so."""
+    import subprocess
+    import sys
+
+    code = ("import transformers.utils as u; u.is_torch_available = lambda: False\n"
+            "import minitriton.hf")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "ImportError: minitriton.hf: transformers" in proc.stderr
+    assert "transformers 5 needs torch >= 2.6" in proc.stderr

@@ -58,6 +58,47 @@ def token_tile_autotune_configs() -> list:
                         triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
 
 
+def token_tile_autotune(kernel, prune):
+    """`kernel` autotuned over `token_tile_autotune_configs()`, keyed on D and BLOCK_D, pruned by
+    `prune`; launched as `tuned[grid](...)`.
+
+    The benchmarker is looked up at the first tuning (as triton >= 3.4 does by default):
+    triton 3.2-3.3 look it up when the autotuner is built, which fails on a machine without a
+    GPU (the ahead-of-time compile check), and 3.2's decorator drops `do_bench`; hence the
+    Autotuner itself, whose arguments are the same from 3.2 to 3.9. A single config (the
+    interpreter, MINITRITON_AUTOTUNE=0) is launched directly: there is nothing to tune, and
+    triton 3.2's interpreter rejects the autotuner's launch options."""
+    configs = token_tile_autotune_configs()
+    if len(configs) == 1:
+        return _OneConfig(kernel, configs[0])
+    from triton.runtime.autotuner import Autotuner
+
+    return Autotuner(kernel, kernel.arg_names, configs, ["D", "BLOCK_D"],
+                     reset_to_zero=None, restore_value=None,
+                     prune_configs_by={"early_config_prune": prune}, do_bench=_benchmark)
+
+
+class _OneConfig:
+    """`kernel[grid](...)` with the meta-parameters, warps and stages of one config."""
+
+    def __init__(self, kernel, config):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        c = self.config
+
+        def launch(*args, **kwargs):
+            return self.kernel[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps,
+                                     num_stages=c.num_stages)
+        return launch
+
+
+def _benchmark(kernel_call, quantiles):
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 def tile_pruner(elems_per_thread: int):
     """An `early_config_prune` keeping the configs whose [BLOCK_S, BLOCK_D] tile puts at most
     `elems_per_thread` elements in each thread (32 threads a warp)."""

@@ -228,9 +228,13 @@ def _decode_reduce_kernel(
 # bandwidth, bound the tiles: each entry compiles without spills (as ptxas reports them) for
 # sm_80 and sm_90 in every dtype, at 75-255 registers. D = 16 with BLOCK_N = 64 spilled 24 bytes
 # on sm_90, D = 128 with BLOCK_N = 32 spilled 24 bytes on sm_80, 4 warps spilled kilobytes, and
-# software pipelining (num_stages > 1) doubled the registers.
+# software pipelining (num_stages > 1) doubled the registers. D = 256 depends on the compiler:
+# BLOCK_N = 32 runs at 255 registers without spills from triton 3.7, but spills 24-112 bytes
+# with triton 3.2-3.6 on sm_80; BLOCK_N = 16 is the reverse (no spills with 3.2-3.6, 280-880
+# bytes with 3.9).
 _GPU_CONFIGS = {16: (32, 8, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (16, 8, 1),
                 256: (32, 8, 1)}
+_GPU_CONFIGS_BEFORE_3_7 = {256: (16, 8, 1)}
 
 
 def kernel_config(D: int, dtype: torch.dtype) -> dict:
@@ -249,6 +253,8 @@ def kernel_config(D: int, dtype: torch.dtype) -> dict:
 
 def _gpu_config(bd: int) -> dict:
     n, w, st = _GPU_CONFIGS[bd]
+    if _triton_version() < (3, 7):
+        n, w, st = _GPU_CONFIGS_BEFORE_3_7.get(bd, (n, w, st))
     return dict(BLOCK_N=n, num_warps=w, num_stages=st)
 
 
@@ -273,6 +279,24 @@ def choose_num_splits(batch_programs: int, length: int, block_n: int, sms: int) 
 
 
 # ---- launcher --------------------------------------------------------------------------------
+def _triton_version() -> tuple:
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def _check_interpreter_loops():
+    """The split kernel loops over tokens with bounds known at run time. Triton's interpreter
+    before 3.7 turns such bounds into Python ints with int() on a one-element array, which
+    numpy 2.4 refuses; say so instead of failing inside the interpreter."""
+    import numpy as np
+
+    if _triton_version() < (3, 7) and tuple(int(p) for p in np.__version__.split(".")[:2]) \
+            >= (2, 4):
+        raise RuntimeError(
+            f"decode_attention under Triton's interpreter needs triton >= 3.7 or numpy < 2.4 "
+            f"(here triton {triton.__version__}, numpy {np.__version__}): this interpreter "
+            "cannot run loops whose bounds are known at run time under numpy 2.4")
+
+
 def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale,
                             num_splits=None, *, out=None, lse=None, workspace=None):
     """Launch the split and reduce kernels. Arguments are validated by the caller.
@@ -283,6 +307,8 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
     float32) may be given preallocated (e.g. NaN-filled by tests); every element is written.
     Returns (o, lse).
     """
+    if interpreter_enabled():
+        _check_interpreter_loops()
     B, Hq, D = q.shape
     _, H, S, _ = k.shape
     G = Hq // H

@@ -19,8 +19,8 @@ import triton.language as tl
 from ..pair import MergedPair
 from ..reference import LERP_EPS, SIN_EPS
 from ..retention import finish_merge
-from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner,
-                     token_tile_autotune_configs, token_tile_configs)
+from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner, token_tile_autotune,
+                     token_tile_configs)
 
 # Globals a kernel reads must be constexpr.
 _PI = tl.constexpr(PI)
@@ -106,7 +106,9 @@ def _merge_kernel(
     w_c = tl.where(zero, 1.0, w_c)
     b_e = w_p[:, None] * b_up + w_c[:, None] * b_uc
     n_e = tl.sqrt(tl.sum(b_e * b_e, axis=1))
-    degenerate = (~safe) & (n_e < _LERP_EPS)          # antiparallel at t = 0.5: take u_c
+    # antiparallel at t = 0.5: take u_c ("safe == 0": triton 3.2-3.3's interpreter cannot invert
+    # a boolean with ~)
+    degenerate = (safe == 0) & (n_e < _LERP_EPS)
     b_e = tl.where(degenerate[:, None], b_uc, b_e)
     n_e = tl.where(degenerate, tl.where(n_c > 0, 1.0, 0.0), n_e)
     b_e = b_e * tl.where(n_e > 0, 1.0 / tl.where(n_e > 0, n_e, 1.0), 0.0)[:, None]
@@ -129,8 +131,7 @@ def _merge_kernel(
     tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_s, d, -1.0), axis=0))
 
 
-_merge_autotuned = triton.autotune(configs=token_tile_autotune_configs(), key=["D", "BLOCK_D"],
-                                   prune_configs_by={"early_config_prune": _prune})(_merge_kernel)
+_merge_autotuned = token_tile_autotune(_merge_kernel, _prune)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from .common import (batch_chunks, block_d, tile_pruner, token_tile_autotune_configs,
+from .common import (batch_chunks, block_d, tile_pruner, token_tile_autotune,
                      token_tile_configs)
 
 
@@ -65,9 +65,7 @@ def _restore_kernel(
         tl.store(oc_ptr + p_o, b_oc, mask=m_sd)
 
 
-_restore_autotuned = triton.autotune(configs=token_tile_autotune_configs(), key=["D", "BLOCK_D"],
-                                     prune_configs_by={"early_config_prune": _prune})(
-                                         _restore_kernel)
+_restore_autotuned = token_tile_autotune(_restore_kernel, _prune)
 
 
 def restore_triton(m: MergedPair, layer=None):
