@@ -10,6 +10,7 @@ The variable is read at every call, so tests and users can switch without re-imp
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,11 +22,21 @@ def interpreter_enabled() -> bool:
     """True when Triton's interpreter is on (kernels run on CPU tensors, through numpy), read
     from TRITON_INTERPRET as Triton itself reads it: through its knobs from triton 3.4 (1, true,
     yes, on), as "1" before."""
+    knobs = _triton_knobs()
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_knobs():
+    """triton.knobs (3.4 on), or None: looked up once, not at every call."""
     try:
         from triton import knobs
-        return bool(knobs.runtime.interpret)
+        knobs.runtime.interpret
     except (ImportError, AttributeError):
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+        return None
+    return knobs
 
 
 def requested_backend() -> str:

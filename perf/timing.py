@@ -111,13 +111,15 @@ def device_tag(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit (with "-dirty" when files differ from it). A copied tree without
+    """The checkout's commit (with "-dirty" when files other than perf/results/ differ from it:
+    a run that rewrites earlier results is not a change of the code). A copied tree without
     .git takes it from $MINITRITON_COMMIT or a file COMMIT at the repository root."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)
         if head.returncode == 0 and head.stdout.strip():
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                     "--", ".", ":(exclude)perf/results"],
                                     cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
             dirty = "-dirty" if status.returncode == 0 and status.stdout.strip() else ""
             return head.stdout.strip() + dirty

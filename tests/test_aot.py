@@ -1,7 +1,7 @@
 """Every kernel, in every config, compiles ahead of time for sm_80 and sm_90 without a GPU and
 without register spills (tests/aot_compile.py does the work in a process without the
-interpreter). Spills fail the test with triton 3.6 and 3.9, the compilers the configs are
-chosen with; other versions spill a few bytes in a few configs, which is printed."""
+interpreter). Spills fail the test with triton 3.5, 3.6 and 3.9, whose compilers every config
+is spill-free with; other versions spill a few bytes in a few configs, which is printed."""
 
 from __future__ import annotations
 

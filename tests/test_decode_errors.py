@@ -173,11 +173,16 @@ def test_interpreter_version_gate(monkeypatch):
     import numpy
     import triton
 
+    import minitriton
     from minitriton.kernels import decode as kdecode
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    x = torch.randn(1, 2, 8, 16)
+    m = minitriton.merge(x, 0.9 * x + 0.1 * torch.randn_like(x))
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.1")
     with pytest.raises(RuntimeError, match=r"triton >= 3.7 or numpy < 2.4 .*triton 3.6.0"):
-        kdecode._check_interpreter_loops()
+        decode_attention(torch.randn(1, 4, 16), m, m, layer="prev")
     for tv, nv in (("3.6.0", "2.3.5"), ("3.7.1", "2.4.1")):
         monkeypatch.setattr(triton, "__version__", tv)
         monkeypatch.setattr(numpy, "__version__", nv)
