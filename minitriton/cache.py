@@ -488,11 +488,7 @@ class MiniCache:
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens of every layer (merged tokens are cut out of the store;
         they are not un-merged)."""
-        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
-            raise TypeError(f"length: expected an int, got {type(length).__name__} {length!r}")
-        if length < 0:
-            raise ValueError(f"length: expected an int >= 0, got {length!r}")
-        self._edit(slice(None), int(length))
+        self._edit(slice(None), check_index("length", length))
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) the batch rows `index` (a 1-d integer tensor)."""

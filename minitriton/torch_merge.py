@@ -193,10 +193,9 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     # One float32 scratch chunk, reused: the products x_prev * x_cur (summed into the dot) and,
     # for float16/bfloat16 inputs, the float32 copies. Reused memory stays in cache and is not
     # faulted in again chunk after chunk, as a fresh temporary per op would be.
-    first = xp_v.narrow(axis, 0, min(step, xp_v.shape[axis]))
-    scratch = [torch.empty(first.shape, dtype=torch.float32, device=dev)
-               for _ in range(1 if x_prev.dtype == torch.float32 else 3)]
     xp_c, xc_c = xp_v.split(step, axis), xc_v.split(step, axis)
+    scratch = [torch.empty(xp_c[0].shape, dtype=torch.float32, device=dev)   # (the largest)
+               for _ in range(1 if x_prev.dtype == torch.float32 else 3)]
     for xp_i, xc_i, n_p_i, n_c_i, dot_i in zip(xp_c, xc_c, *map(pieces, (n_p, n_c, dot))):
         k = xp_i.shape[axis]
         prod = scratch[0].narrow(axis, 0, k)

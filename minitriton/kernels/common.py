@@ -31,6 +31,11 @@ def atan2_nonneg(y, x):
     return tl.where(y > x, 1.5707963267948966 - r, r)
 
 
+def version(text: str) -> tuple:
+    """(major, minor) of a version string such as "3.10.0+git1234"."""
+    return tuple(int(p) for p in text.split(".")[:2])
+
+
 def block_d(D: int) -> int:
     """The power-of-two tile width that covers a head dim D (the tail is masked)."""
     return max(16, triton.next_power_of_2(D))

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..backend import interpreter_enabled
 from ..pair import _layer_parts
-from .common import block_d, torch_to_tl_dtype
+from .common import block_d, torch_to_tl_dtype, version
 
 # Without a GPU (interpreter, ahead-of-time builds) there is no multiprocessor count: use an
 # H100/H200's 132 so that the split heuristic behaves as it would there.
@@ -253,7 +253,7 @@ def kernel_config(D: int, dtype: torch.dtype) -> dict:
 
 def _gpu_config(bd: int) -> dict:
     n, w, st = _GPU_CONFIGS[bd]
-    if _triton_version() < (3, 7):
+    if version(triton.__version__) < (3, 7):
         n, w, st = _GPU_CONFIGS_BEFORE_3_7.get(bd, (n, w, st))
     return dict(BLOCK_N=n, num_warps=w, num_stages=st)
 
@@ -279,18 +279,13 @@ def choose_num_splits(batch_programs: int, length: int, block_n: int, sms: int) 
 
 
 # ---- launcher --------------------------------------------------------------------------------
-def _triton_version() -> tuple:
-    return tuple(int(p) for p in triton.__version__.split(".")[:2])
-
-
 def _check_interpreter_loops():
     """The split kernel loops over tokens with bounds known at run time. Triton's interpreter
     before 3.7 turns such bounds into Python ints with int() on a one-element array, which
     numpy 2.4 refuses; say so instead of failing inside the interpreter."""
     import numpy as np
 
-    if _triton_version() < (3, 7) and tuple(int(p) for p in np.__version__.split(".")[:2]) \
-            >= (2, 4):
+    if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
         raise RuntimeError(
             f"decode_attention under Triton's interpreter needs triton >= 3.7 or numpy < 2.4 "
             f"(here triton {triton.__version__}, numpy {np.__version__}): this interpreter "
