@@ -36,6 +36,13 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor,
         raise ValueError(f"{name}: device {x.device} does not match {ref_name}'s {ref.device}")
 
 
+def check_has_data(name: str, x: torch.Tensor) -> None:
+    """Not on the meta device (shapes only: nothing to compute with). Checked after the
+    device agreement checks, so that a meta tensor next to a real one reports the mismatch."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a tensor on the meta device holds no data to compute with")
+
+
 def check_head_dim(name: str, D: int) -> None:
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dim D={D} is outside the supported "

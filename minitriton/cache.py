@@ -262,6 +262,12 @@ class MiniCache:
         self._dense_k: list = [None] * num_layers
         self._dense_v: list = [None] * num_layers
 
+    def __repr__(self) -> str:
+        """One line: layers, merged pairs, tokens held, bytes (read from shapes; no sync)."""
+        return (f"MiniCache(num_layers={self.num_layers}, pairs={len(self.plan)}, "
+                f"window={self.window}, batch={self.batch_size()}, seq_len={self.seq_len(0)}, "
+                f"nbytes={self.nbytes}, compression_ratio={self.compression_ratio:.3f})")
+
     # ---- writes ----
     def _check_layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):

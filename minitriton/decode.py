@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._checks import check_head_dim, check_real, check_same, check_tensor
+from ._checks import check_has_data, check_head_dim, check_real, check_same, check_tensor
 from .backend import select_backend
 from .merge import check_pair
 from .pair import MergedPair
@@ -123,6 +123,7 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
             raise TypeError(f"{name}: dtype {m.dtype} does not match q's {q.dtype}")
         if m.device != q.device:
             raise ValueError(f"{name}: device {m.device} does not match q's {q.device}")
+    check_has_data("q", q)
     if Bk != B:
         raise ValueError(f"k: batch {Bk} does not match q's batch {B} (q shape {tuple(q.shape)})")
     if Dk != D:

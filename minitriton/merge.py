@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_head_dim, check_same, check_tensor, check_unit_interval
+from ._checks import check_has_data, check_head_dim, check_same, check_tensor, check_unit_interval
 from .backend import select_backend
 from .pair import MAGNITUDE_MODES, MergedPair
 
@@ -64,6 +64,7 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     check_tensor("x_prev", x_prev, ndim=4)
     check_tensor("x_cur", x_cur, ndim=4)
     check_same("x_cur", x_cur, "x_prev", x_prev)
+    check_has_data("x_prev", x_prev)
     check_head_dim("x_prev", x_prev.shape[-1])
     t = check_unit_interval("t", t)
     gamma = check_unit_interval("gamma", gamma)
@@ -95,6 +96,7 @@ def restore(m: MergedPair, layer: str | None = None):
         >>> x_cur_hat = minitriton.restore(m, layer="cur")
     """
     check_pair("m", m)
+    check_has_data("m.e", m.e)
     if layer not in (None, "prev", "cur"):
         raise ValueError(f"layer: expected None, 'prev' or 'cur', got {layer!r}")
     with torch.no_grad():

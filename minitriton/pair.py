@@ -31,7 +31,7 @@ import torch
 MAGNITUDE_MODES = ("norm", "projection")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MergedPair:
     """The output of `minitriton.merge`: one direction per token pair, two magnitudes, and the
     retained tokens' original states of both layers.
@@ -101,10 +101,27 @@ class MergedPair:
         """dense_nbytes / nbytes (about 2 for D = 128 and few retained tokens)."""
         return self.dense_nbytes / max(self.nbytes, 1)
 
+    def __repr__(self) -> str:
+        """One line: shape, dtype, device, retained tokens, bytes and settings (the tensors
+        are fields: `m.e`, `m.mag_prev`, ...)."""
+        B, H, S, D = self.shape
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"MergedPair(shape=({B}, {H}, {S}, {D}), dtype={dtype}, device={self.device}, "
+                f"retained={self.num_retained}/{B * H * S}, nbytes={self.nbytes}, "
+                f"compression_ratio={self.compression_ratio:.3f}, t={self.t}, "
+                f"gamma={self.gamma}, magnitude={self.magnitude!r})")
+
     # ---- moves and joins --------------------------------------------------------------------
     def to(self, device) -> "MergedPair":
-        """A copy on `device` (or self when already there)."""
-        device = torch.device(device)
+        """A copy on `device` (a torch.device, a string such as "cuda:0", or a CUDA index), or
+        self when already there. The dtype stays: the retained originals must stay exact."""
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+            raise TypeError(f"device: expected a torch.device, a device string or an index, "
+                            f"got {type(device).__name__} {device!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: {device!r} is not a device ({err})") from None
         if device == self.device:
             return self
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}

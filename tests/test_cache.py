@@ -159,6 +159,9 @@ def test_bytes_count_everything_held():
     assert torch.equal(k2[:, :, :n], k3[:, :, :n]) and torch.equal(v2[:, :, :n], v3[:, :, :n])
     stats = cache.stats()
     assert [s["layer"] for s in stats] == list(range(L)) and stats[1]["pair"].startswith("(0,1)")
+    assert repr(cache) == (f"MiniCache(num_layers={L}, pairs=2, window=4, batch={B}, "
+                           f"seq_len={total}, nbytes={cache.nbytes}, "
+                           f"compression_ratio={cache.compression_ratio:.3f})")
 
 
 def test_keys_or_values_alone(monkeypatch):

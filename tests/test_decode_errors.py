@@ -158,6 +158,12 @@ def test_device_mismatch_of_pair():
         call(args(k=k_meta))
 
 
+def test_meta_tensors():
+    meta = MergedPair(*(x.to("meta") for x in pair().tensors()), 0.6, 0.05)
+    with pytest.raises(ValueError, match="q: a tensor on the meta device holds no data"):
+        call(args(q=torch.randn(B, H * G, D, device="meta"), k=meta, v=meta))
+
+
 def test_not_differentiable():
     """q (or a tail) that requires grad is read as data: same output, which requires no grad."""
     a = args()

@@ -55,6 +55,15 @@ def test_device_mismatch(backend, pair):
             xp, xc.to("meta"))
 
 
+def test_meta_tensors(backend, pair):
+    """Shape-only tensors are refused by name (after the device agreement checks)."""
+    xp, xc = pair
+    _raises(ValueError, "x_prev: a tensor on the meta device holds no data", minitriton.merge,
+            xp.to("meta"), xc.to("meta"))
+    _raises(ValueError, "m.e: a tensor on the meta device holds no data", minitriton.restore,
+            minitriton.merge(xp, xc).to("meta"))
+
+
 @pytest.mark.parametrize("D", [8, 15, 257, 512])
 def test_head_dim_out_of_range(backend, device, D):
     xp, xc = make_pair(1, 1, 3, D, torch.float32, device)
@@ -176,6 +185,15 @@ def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
     if pair[0].device.type != "cpu" and "m.slot: expected -1" in match:
         pytest.skip("the slot range is checked on CPU only (on CUDA it would synchronise)")
     _raises(exc, match, minitriton.restore, dataclasses.replace(m, **{field: value(m)}))
+
+
+def test_pair_to_arguments(pair):
+    m = minitriton.merge(*pair)
+    assert m.to(pair[0].device) is m
+    _raises(TypeError, "device: expected a torch.device, a device string or an index, got "
+            "dtype torch.float16", m.to, torch.float16)
+    _raises(TypeError, "device: expected .* got bool True", m.to, True)
+    _raises(ValueError, "device: 'gpu0' is not a device", m.to, "gpu0")
 
 
 def test_cat_arguments(pair):

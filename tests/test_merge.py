@@ -433,6 +433,18 @@ def test_bytes(backend, device, dtype):
     assert m.to("cpu").nbytes == m.nbytes and m.device.type == device.type
 
 
+def test_repr_is_one_line_of_facts(backend, device):
+    xp, xc = make_pair(2, 3, 37, 80, torch.bfloat16, device, seed=2, outliers=2)
+    m = minitriton.merge(xp, xc, 0.25, 0.1, "projection")
+    text = repr(m)
+    assert "\n" not in text and len(text) < 300          # no tensor contents
+    assert text.startswith("MergedPair(shape=(2, 3, 37, 80), dtype=bfloat16, device=")
+    for part in (f"retained={m.num_retained}/{2 * 3 * 37}", f"nbytes={m.nbytes}",
+                 f"compression_ratio={m.compression_ratio:.3f}", "t=0.25", "gamma=0.1",
+                 "magnitude='projection'"):
+        assert part in text
+
+
 # ---- projection magnitudes (SPEC property 9) -------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 def test_projection_never_worse_than_norm(backend, device, dtype):
