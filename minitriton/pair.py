@@ -24,6 +24,7 @@ Every tensor above counts in `nbytes`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -104,10 +105,9 @@ class MergedPair:
     def __repr__(self) -> str:
         """One line: shape, dtype, device, retained tokens, bytes and settings (the tensors
         are fields: `m.e`, `m.mag_prev`, ...)."""
-        B, H, S, D = self.shape
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"MergedPair(shape=({B}, {H}, {S}, {D}), dtype={dtype}, device={self.device}, "
-                f"retained={self.num_retained}/{B * H * S}, nbytes={self.nbytes}, "
+        return (f"MergedPair(shape={self.shape}, dtype={dtype}, device={self.device}, "
+                f"retained={self.num_retained}/{self.slot.numel()}, nbytes={self.nbytes}, "
                 f"compression_ratio={self.compression_ratio:.3f}, t={self.t}, "
                 f"gamma={self.gamma}, magnitude={self.magnitude!r})")
 
@@ -115,13 +115,15 @@ class MergedPair:
     def to(self, device) -> "MergedPair":
         """A copy on `device` (a torch.device, a string such as "cuda:0", or a CUDA index), or
         self when already there. The dtype stays: the retained originals must stay exact."""
-        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str,
+                                                               numbers.Integral)):
             raise TypeError(f"device: expected a torch.device, a device string or an index, "
                             f"got {type(device).__name__} {device!r}")
         try:
-            device = torch.device(device)
+            device = torch.device(device if not isinstance(device, numbers.Integral)
+                                  else int(device))
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device: {device!r} is not a device ({err})") from None
+            raise ValueError(f"device: {device!r} is not a usable device ({err})") from None
         if device == self.device:
             return self
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}

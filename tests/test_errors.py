@@ -193,7 +193,7 @@ def test_pair_to_arguments(pair):
     _raises(TypeError, "device: expected a torch.device, a device string or an index, got "
             "dtype torch.float16", m.to, torch.float16)
     _raises(TypeError, "device: expected .* got bool True", m.to, True)
-    _raises(ValueError, "device: 'gpu0' is not a device", m.to, "gpu0")
+    _raises(ValueError, "device: 'gpu0' is not a usable device", m.to, "gpu0")
 
 
 def test_cat_arguments(pair):
