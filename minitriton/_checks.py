@@ -18,6 +18,8 @@ def check_tensor(name: str, x, ndim: int | None = None, dtypes=SUPPORTED_DTYPES)
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected one of {names})")
@@ -55,6 +57,7 @@ def check_real(name: str, v, what: str = "a float") -> float:
         if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
             raise TypeError(f"{name}: expected {what}, got a {v.dtype} tensor of shape "
                             f"{tuple(v.shape)}")
+        check_has_data(name, v)
         v = v.item()
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
@@ -69,10 +72,10 @@ def check_unit_interval(name: str, v) -> float:
     return v
 
 
-def check_index(name: str, v, what: str = "an int") -> int:
-    """An integer >= 0 (Python or numpy; not a bool), returned as int."""
+def check_index(name: str, v, what: str = "an int", low: int = 0) -> int:
+    """An integer >= low (Python or numpy; not a bool), returned as int."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected {what} >= 0, got {type(v).__name__} {v!r}")
-    if v < 0:
-        raise ValueError(f"{name}: expected {what} >= 0, got {v!r}")
+        raise TypeError(f"{name}: expected {what} >= {low}, got {type(v).__name__} {v!r}")
+    if v < low:
+        raise ValueError(f"{name}: expected {what} >= {low}, got {v!r}")
     return int(v)

@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_head_dim, check_index, check_tensor
+from ._checks import check_has_data, check_head_dim, check_index, check_tensor
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -244,12 +244,10 @@ class MiniCache:
     def __init__(self, num_layers: int, plan=None, *, t: float = DEFAULT_T,
                  gamma: float = DEFAULT_GAMMA, magnitude: str = "norm", sink: int = 0,
                  window: int = DEFAULT_WINDOW):
-        num_layers = check_index("num_layers", num_layers)
-        window = check_index("window", window)
-        for name, v in (("num_layers", num_layers), ("window", window)):
-            if v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v}")
+        num_layers = check_index("num_layers", num_layers, low=1)
+        window = check_index("window", window, low=1)
         settings = dict(t=t, gamma=gamma, magnitude=magnitude, sink=sink)
+        PairSpec(0, **settings)   # the defaults are checked even where a MergePlan overrides them
         if plan is None:
             plan = MergePlan.paper(num_layers, **settings)
         elif not isinstance(plan, MergePlan):
@@ -359,6 +357,9 @@ class MiniCache:
             if x.device != ref.device:
                 raise ValueError(f"{where} is on {x.device}, the states held are on "
                                  f"{ref.device}")
+        if pair is not None:   # (after the device checks: a mismatch is named as such)
+            check_has_data("k", k)
+            check_has_data("v", v)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store new states of `layer` and return `(keys, values)` to attend to: the exact new
@@ -502,8 +503,12 @@ class MiniCache:
             raise TypeError(f"index: expected a 1-d integer tensor, got {type(index).__name__}")
         if index.dim() != 1:
             raise ValueError(f"index: expected a 1-d tensor, got shape {tuple(index.shape)}")
-        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
-            raise TypeError(f"index: expected an integer tensor, got dtype {index.dtype}")
+        if index.dtype in (torch.bool, torch.uint8) or index.is_floating_point() \
+                or index.is_complex():   # (torch reads a uint8 index as a mask)
+            raise TypeError(f"index: expected an integer tensor of int8/16/32/64 row numbers, "
+                            f"got dtype {index.dtype}")
+        check_has_data("index", index)
+        index = index.long()   # (indexing takes int64 or int32 rows only)
         B = self.batch_size()
         if B is not None and index.numel():
             lo, hi = int(index.min()), int(index.max())

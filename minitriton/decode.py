@@ -7,13 +7,16 @@ CUDA tensors or TRITON_INTERPRET=1) or to the torch path (`minitriton.torch_deco
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 from ._checks import check_has_data, check_head_dim, check_real, check_same, check_tensor
 from .backend import select_backend
-from .merge import check_pair
-from .pair import MergedPair
+from .pair import MergedPair, check_pair
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 LAYERS = ("prev", "cur")
 
@@ -74,7 +77,7 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         >>> o = minitriton.decode_attention(q, k_m, v_m, layer="cur", k_tail=k_new,
         ...                                 v_tail=v_new)  # q [B, Hq, D] -> o [B, Hq, D]
     """
-    q, k_tail, v_tail, seq_lens, tail_lens, scale = _check_args(
+    q, k_tail, v_tail, seq_lens, tail_lens, scale, num_splits = _check_args(
         q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
     with torch.no_grad():   # not differentiable, on both backends
         if select_backend(q.device) == "triton":
@@ -156,18 +159,21 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
         scale = 1.0 / math.sqrt(D)
     else:
         scale = check_real("sm_scale", sm_scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"sm_scale: expected a finite number, got {scale!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:   # (scores are float32)
+            raise ValueError(f"sm_scale: expected a finite float32 number, got {scale!r}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} "
+                        f"{return_lse!r}")
     if num_splits is not None:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        if isinstance(num_splits, (bool, np.bool_)) \
+                or not isinstance(num_splits, numbers.Integral):
             raise TypeError(f"num_splits: expected an int or None, got "
-                            f"{type(num_splits).__name__}")
+                            f"{type(num_splits).__name__} {num_splits!r}")
+        num_splits = int(num_splits)
         from .kernels.decode import MAX_SPLITS
         if not 1 <= num_splits <= MAX_SPLITS:
             raise ValueError(f"num_splits: expected a value in [1, {MAX_SPLITS}], "
                              f"got {num_splits}")
     if k_tail is not None and T == 0:
         k_tail = v_tail = tail_lens = None  # an empty tail is no tail
-    return q, k_tail, v_tail, seq_lens, tail_lens, scale
+    return q, k_tail, v_tail, seq_lens, tail_lens, scale, num_splits

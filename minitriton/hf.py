@@ -28,6 +28,7 @@ fall back to restore + sdpa.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Optional
 
@@ -42,6 +43,7 @@ if not transformers.utils.is_torch_available():   # e.g. transformers 5 with tor
 
 from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
+from ._checks import check_index
 from .cache import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, MiniCache
 from .decode import decode_attention
 
@@ -149,7 +151,11 @@ class MiniCacheHF(Cache):
                 raise ValueError("config: expected a model config (or pass num_layers), got None")
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
                 else config
-            num_layers = int(text.num_hidden_layers)
+            if getattr(text, "num_hidden_layers", None) is None:
+                raise TypeError(f"config: expected a model config with num_hidden_layers (or "
+                                f"pass num_layers), got {type(config).__name__}")
+            num_layers = check_index("config.num_hidden_layers", text.num_hidden_layers,
+                                     "an int", low=1)
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
         if config is not None and self.core.merges:
@@ -165,6 +171,13 @@ class MiniCacheHF(Cache):
         return self.core.plan
 
     # ---- the update that the model's attention layers call ----
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        L = self.core.num_layers
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) \
+                or not 0 <= layer_idx < L:
+            raise ValueError(f"layer_idx: expected an int in [0, {L}), got {layer_idx!r}")
+        return super().update(key_states, value_states, int(layer_idx), *args, **kwargs)
+
     def _fused(self, layer_idx: int, key_states: torch.Tensor) -> bool:
         if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
             return False
@@ -217,14 +230,17 @@ class MiniCacheHF(Cache):
         self.core.crop(max(min(keep, current), 0))
 
     def reorder_cache(self, beam_idx) -> None:
+        """Keep (reorder, repeat) the batch rows `beam_idx`: integer row numbers, as a tensor
+        or a sequence (checked by `MiniCache.select_batch`; never coerced)."""
         if self.get_seq_length() > 0:
-            self.core.select_batch(torch.as_tensor(beam_idx).long().cpu()
-                                   if not isinstance(beam_idx, torch.Tensor) else beam_idx.long())
+            self.core.select_batch(beam_idx if isinstance(beam_idx, torch.Tensor)
+                                   else torch.as_tensor(beam_idx))
 
     def batch_select_indices(self, indices) -> None:
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        repeats = check_index("repeats", repeats, "an int", low=1)
         B = self.core.batch_size()
         if B:
             self.core.select_batch(torch.arange(B).repeat_interleave(repeats))

@@ -7,7 +7,7 @@ import torch
 
 from ._checks import check_has_data, check_head_dim, check_same, check_tensor, check_unit_interval
 from .backend import select_backend
-from .pair import MAGNITUDE_MODES, MergedPair
+from .pair import MAGNITUDE_MODES, MergedPair, check_pair
 
 
 def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: float = 0.05,
@@ -30,7 +30,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             float32 (the same), on one device, any strides (never copied to contiguous).
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
             squared norm would overflow is scaled first. Below |x| = 1.1e-19 precision drops,
-            and under ~1e-22 a vector counts as zero (its squares underflow).
+            and under ~1e-22 a vector counts as zero (its squares underflow). A token with a
+            NaN or inf component makes its (b, h) row's retention undefined (the backends may
+            differ there); other rows are unaffected.
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant.
         magnitude: "norm" (default) or "projection".
@@ -105,50 +107,6 @@ def restore(m: MergedPair, layer: str | None = None):
             return restore_triton(m, layer)
         from .torch_merge import restore_torch
         return restore_torch(m, layer)
-
-
-def check_pair(name: str, m) -> MergedPair:
-    """A MergedPair whose tensors agree with each other."""
-    if not isinstance(m, MergedPair):
-        raise TypeError(f"{name}: expected a MergedPair (from minitriton.merge), got "
-                        f"{type(m).__name__}")
-    B, H, S, D = m.e.shape if m.e.dim() == 4 else (None,) * 4
-    if B is None:
-        raise ValueError(f"{name}.e: expected [B, H, S, D], got shape {tuple(m.e.shape)}")
-    for field in ("mag_prev", "mag_cur", "slot"):
-        if tuple(getattr(m, field).shape) != (B, H, S):
-            raise ValueError(f"{name}.{field}: shape {tuple(getattr(m, field).shape)} does not "
-                             f"match e's [B, H, S] = {(B, H, S)}")
-    for field in ("kept_prev", "kept_cur"):
-        kept = getattr(m, field)
-        if kept.dim() != 2 or kept.shape[1] != D or kept.dtype != m.e.dtype:
-            raise ValueError(f"{name}.{field}: expected [N, {D}] {m.e.dtype}, got "
-                             f"{tuple(kept.shape)} {kept.dtype}")
-    if m.kept_prev.shape != m.kept_cur.shape:
-        raise ValueError(f"{name}: kept_prev {tuple(m.kept_prev.shape)} and kept_cur "
-                         f"{tuple(m.kept_cur.shape)} differ")
-    for field, dtype in (("mag_prev", torch.float32), ("mag_cur", torch.float32),
-                         ("slot", torch.int32), ("d_min", torch.float32),
-                         ("d_max", torch.float32)):
-        if getattr(m, field).dtype != dtype:
-            raise TypeError(f"{name}.{field}: expected {dtype}, got {getattr(m, field).dtype}")
-    for field in ("d_min", "d_max"):
-        if tuple(getattr(m, field).shape) != (B, H):
-            raise ValueError(f"{name}.{field}: shape {tuple(getattr(m, field).shape)} does not "
-                             f"match e's [B, H] = {(B, H)}")
-    for field in ("mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max"):
-        if getattr(m, field).device != m.e.device:
-            raise ValueError(f"{name}.{field}: device {getattr(m, field).device} does not match "
-                             f"e's {m.e.device}")
-    if m.slot.device.type == "cpu" and m.slot.numel():
-        # Slots are -1 (merged) or the rows 0..N-1 of the store: a slot past the store would read
-        # outside it. One pass (on CUDA this check would synchronise: it runs on CPU pairs).
-        lo, hi = (int(v) for v in torch.aminmax(m.slot))
-        n = m.kept_prev.shape[0]
-        if lo < -1 or hi != n - 1:
-            raise ValueError(f"{name}.slot: expected -1 (merged) or the rows 0..{n - 1} of the "
-                             f"retained store, got values from {lo} to {hi}")
-    return m
 
 
 def _check_d_range(d_range, x: torch.Tensor):

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ._checks import check_head_dim, check_tensor
+
 MAGNITUDE_MODES = ("norm", "projection")
 
 
@@ -126,7 +128,10 @@ class MergedPair:
             raise ValueError(f"device: {device!r} is not a usable device ({err})") from None
         if device == self.device:
             return self
-        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        try:
+            moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        except (AssertionError, RuntimeError) as err:   # e.g. torch built without CUDA
+            raise ValueError(f"device: cannot move a MergedPair to {device} ({err})") from None
         return replace(self, **moved)
 
     @staticmethod
@@ -144,8 +149,7 @@ class MergedPair:
         if not pairs:
             raise ValueError("pairs: expected at least one MergedPair, got an empty list")
         for i, p in enumerate(pairs):
-            if not isinstance(p, MergedPair):
-                raise TypeError(f"pairs[{i}]: expected a MergedPair, got {type(p).__name__}")
+            check_pair(f"pairs[{i}]", p)
         first = pairs[0]
         if len(pairs) == 1:
             return first
@@ -186,6 +190,63 @@ class MergedPair:
 
 
 _TENSOR_FIELDS = ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max")
+
+
+def check_pair(name: str, m) -> MergedPair:
+    """A MergedPair whose tensors agree with each other (TypeError / ValueError naming the
+    field otherwise): what `merge` makes, or a hand-built pair of the same layout."""
+    if not isinstance(m, MergedPair):
+        raise TypeError(f"{name}: expected a MergedPair (from minitriton.merge), got "
+                        f"{type(m).__name__}")
+    for field in _TENSOR_FIELDS:
+        if not isinstance(getattr(m, field), torch.Tensor):
+            raise TypeError(f"{name}.{field}: expected a tensor, got "
+                            f"{type(getattr(m, field)).__name__}")
+    if m.e.dim() != 4:
+        raise ValueError(f"{name}.e: expected [B, H, S, D], got shape {tuple(m.e.shape)}")
+    B, H, S, D = m.e.shape
+    check_tensor(f"{name}.e", m.e)           # a supported dtype, dense
+    check_head_dim(f"{name}.e", D)
+    for field in ("mag_prev", "mag_cur", "slot"):
+        if tuple(getattr(m, field).shape) != (B, H, S):
+            raise ValueError(f"{name}.{field}: shape {tuple(getattr(m, field).shape)} does not "
+                             f"match e's [B, H, S] = {(B, H, S)}")
+    for field in ("kept_prev", "kept_cur"):
+        kept = getattr(m, field)
+        if kept.dim() != 2 or kept.shape[1] != D or kept.dtype != m.e.dtype:
+            raise ValueError(f"{name}.{field}: expected [N, {D}] {m.e.dtype}, got "
+                             f"{tuple(kept.shape)} {kept.dtype}")
+    if m.kept_prev.shape != m.kept_cur.shape:
+        raise ValueError(f"{name}: kept_prev {tuple(m.kept_prev.shape)} and kept_cur "
+                         f"{tuple(m.kept_cur.shape)} differ")
+    for field, dtype in (("mag_prev", torch.float32), ("mag_cur", torch.float32),
+                         ("slot", torch.int32), ("d_min", torch.float32),
+                         ("d_max", torch.float32)):
+        if getattr(m, field).dtype != dtype:
+            raise TypeError(f"{name}.{field}: expected {dtype}, got {getattr(m, field).dtype}")
+    for field in ("d_min", "d_max"):
+        if tuple(getattr(m, field).shape) != (B, H):
+            raise ValueError(f"{name}.{field}: shape {tuple(getattr(m, field).shape)} does not "
+                             f"match e's [B, H] = {(B, H)}")
+    for field in _TENSOR_FIELDS[1:]:
+        if getattr(m, field).device != m.e.device:
+            raise ValueError(f"{name}.{field}: device {getattr(m, field).device} does not match "
+                             f"e's {m.e.device}")
+    if m.slot.device.type == "cpu" and m.slot.numel():
+        # Slots are -1 (merged) or the rows 0..N-1 of the store, one token each, in (b, h, s)
+        # order: a slot past the store would read outside it. (On CUDA these checks would
+        # synchronise: they run on CPU pairs.)
+        lo, hi = (int(v) for v in torch.aminmax(m.slot))
+        n = m.kept_prev.shape[0]
+        if lo < -1 or hi != n - 1:
+            raise ValueError(f"{name}.slot: expected -1 (merged) or the rows 0..{n - 1} of the "
+                             f"retained store, got values from {lo} to {hi}")
+        kept = m.slot[m.slot >= 0]
+        if kept.numel() != n or not torch.equal(kept, torch.arange(n, dtype=kept.dtype)):
+            raise ValueError(f"{name}.slot: expected each row 0..{n - 1} of the retained store "
+                             f"once, in (b, h, s) order; got {kept.numel()} retained tokens "
+                             f"with slots {kept.tolist()[:8]}{' ...' if kept.numel() > 8 else ''}")
+    return m
 
 
 def _layer_parts(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
 from ._checks import check_index, check_unit_interval
@@ -44,6 +44,21 @@ class PairSpec:
     sink: int = 0
     method: str = "slerp"
 
+    def __post_init__(self):
+        # Validated at construction, numbers stored as Python int / float (numpy numbers are
+        # accepted): TypeError or ValueError naming the field otherwise.
+        values = dict(prev=check_index("prev", self.prev, "a layer index"),
+                      t=check_unit_interval("t", self.t),
+                      gamma=check_unit_interval("gamma", self.gamma),
+                      sink=check_index("sink", self.sink, "an int"))
+        if self.magnitude not in MAGNITUDE_MODES:
+            raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got "
+                             f"{self.magnitude!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        for name, v in values.items():
+            object.__setattr__(self, name, v)
+
     @property
     def cur(self) -> int:
         return self.prev + 1
@@ -53,20 +68,14 @@ class PairSpec:
         return (self.prev, self.prev + 1)
 
     def check(self, num_layers: Optional[int] = None) -> "PairSpec":
-        """The spec validated, with its numbers as Python int / float (numpy numbers are
-        accepted): TypeError or ValueError naming the field otherwise."""
-        prev = check_index("prev", self.prev, "a layer index")
-        if num_layers is not None and prev + 1 >= num_layers:
-            raise ValueError(f"pair ({prev}, {prev + 1}): layer {prev + 1} is out "
-                             f"of range for num_layers={num_layers}")
-        t, gamma = check_unit_interval("t", self.t), check_unit_interval("gamma", self.gamma)
-        if self.magnitude not in MAGNITUDE_MODES:
-            raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got "
-                             f"{self.magnitude!r}")
-        sink = check_index("sink", self.sink, "an int")
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        return replace(self, prev=prev, t=t, gamma=gamma, sink=sink)
+        """The spec, once its layers are known to lie in [0, num_layers) (the fields are
+        checked at construction)."""
+        if num_layers is not None:
+            num_layers = check_index("num_layers", num_layers, "an int")
+            if self.cur >= num_layers:
+                raise ValueError(f"pair ({self.prev}, {self.cur}): layer {self.cur} is out "
+                                 f"of range for num_layers={num_layers}")
+        return self
 
     def describe(self) -> str:
         """One line, e.g. `(15,16) slerp t=0.60 gamma=0.05 norm sink=0`."""
@@ -96,6 +105,7 @@ class MergePlan:
         if isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
             raise TypeError(f"pairs: expected an iterable of PairSpec, dict or (l, l + 1), got "
                             f"{type(pairs).__name__}")
+        PairSpec(0, t=t, gamma=gamma, magnitude=magnitude, sink=sink, method=method)  # defaults
         specs = []
         for i, p in enumerate(pairs):
             if isinstance(p, PairSpec):
@@ -164,7 +174,12 @@ class MergePlan:
     def from_json(cls, text: str, num_layers: Optional[int] = None) -> "MergePlan":
         """The plan of `to_json` (`{"pairs": [...]}`), or a bare list of pairs; each pair a dict
         of PairSpec fields or an `[l, l + 1]` list (with the default settings)."""
-        data = json.loads(text)
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"text: expected a JSON string, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"text: not valid JSON ({err})") from None
         if isinstance(data, dict):
             if set(data) != {"pairs"}:
                 raise ValueError(f"text: expected {{\"pairs\": [...]}} or a list of pairs, got "

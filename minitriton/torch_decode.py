@@ -20,6 +20,7 @@ import torch
 
 from ._upcast import upcast_chunks
 from .pair import MergedPair, _layer_parts
+from .torch_merge import saturate
 
 
 def _retained_index(slot: torch.Tensor, num_kept: int,
@@ -102,4 +103,4 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     o = torch.where(den.unsqueeze(-1) > 0, o / den.clamp_min(torch.finfo(f32).tiny).unsqueeze(-1),
                     torch.zeros_like(o))
     lse = m + torch.log(den)
-    return o.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
+    return saturate(o.reshape(B, Hq, D), q.dtype).to(q.dtype), lse.reshape(B, Hq)

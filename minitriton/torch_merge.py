@@ -263,6 +263,15 @@ def _like_view(y, ref_view):
     return y.view(-1, *y.shape[3:]) if ref_view.dim() == 2 else y
 
 
+def saturate(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y (float32) clamped in place to the finite range of `dtype` when that is float16 or
+    bfloat16 (NaN stays NaN): a restored value beyond it saturates instead of rounding to inf."""
+    if dtype != torch.float32:
+        bound = torch.finfo(dtype).max
+        y.clamp_(-bound, bound)
+    return y
+
+
 def gather_retained_torch(x_prev, x_cur, retained):
     """The retained tokens' originals, `[N, D]` each, rows in (b, h, s) order (index_select on
     a `[B*H*S, D]` view when the inputs flatten, else advanced indexing; never a full copy)."""
@@ -278,7 +287,8 @@ def gather_retained_torch(x_prev, x_cur, retained):
 
 
 def restore_torch(m: MergedPair, layer=None):
-    """See `minitriton.restore`. mag * e in float32, rounded once to the dtype; e is upcast
+    """See `minitriton.restore`. mag * e in float32 (saturated to a half dtype's range), rounded
+    once to the dtype; e is upcast
     once for both layers (on a CPU, a half-precision e chunk by chunk through a reused float32
     buffer)."""
     layers = ("prev", "cur") if layer is None else (layer,)
@@ -287,10 +297,10 @@ def restore_torch(m: MergedPair, layer=None):
         outs = [torch.empty(m.shape, dtype=m.dtype, device=m.device) for _ in layers]
         for sl, e32 in upcast_chunks(m.e):
             for x, mag in zip(outs, mags):
-                x[:, :, sl] = e32 * mag[:, :, sl]
+                x[:, :, sl] = saturate(e32 * mag[:, :, sl], m.dtype)
     else:
         e32 = m.e.float()
-        outs = [(e32 * mag).to(m.dtype) for mag in mags]
+        outs = [saturate(e32 * mag, m.dtype).to(m.dtype) for mag in mags]
     if m.num_retained:
         retained = m.retained
         for x, name in zip(outs, layers):

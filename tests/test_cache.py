@@ -469,7 +469,57 @@ def test_plans_take_numpy_numbers_and_check_json():
         MiniCache(4.0)
     with pytest.raises(ValueError, match="window"):
         MiniCache(4, window=np.int64(0))
+    with pytest.raises(TypeError, match="window: expected an int >= 1, got bool"):
+        MiniCache(4, window=True)
     assert MiniCache(2, []).compression_ratio == 1.0
+
+
+def test_settings_are_checked_where_they_are_given():
+    """A PairSpec is checked when it is built; the shared defaults of a plan or a cache even
+    when no pair takes them; JSON that does not parse is named as `text`."""
+    for make, exc, match in (
+            (lambda: PairSpec(prev="x"), TypeError, "prev: expected a layer index"),
+            (lambda: PairSpec(1, t=9), ValueError, "t: expected a value in \\[0, 1\\], got 9"),
+            (lambda: PairSpec(1, magnitude="l2"), ValueError, "magnitude: expected one of"),
+            (lambda: PairSpec(1, method="max"), ValueError, "method: expected one of"),
+            (lambda: PairSpec(1).check(num_layers="3"), TypeError, "num_layers: expected"),
+            (lambda: MergePlan([], t=2), ValueError, "t: expected a value in"),
+            (lambda: MergePlan([(0, 1)], gamma=-1), ValueError, "gamma: expected a value in"),
+            (lambda: MiniCache(4, plan=MergePlan([]), t=5), ValueError, "t: expected a value"),
+            (lambda: MiniCache(4, plan=[], sink=-1), ValueError, "sink: expected an int >= 0"),
+            (lambda: MergePlan.from_json("{"), ValueError, "text: not valid JSON"),
+            (lambda: MergePlan.from_json(None), TypeError, "text: expected a JSON string")):
+        with pytest.raises(exc, match=match):
+            make()
+    assert PairSpec(1).check(num_layers=3) == PairSpec(1)
+
+
+def test_select_batch_takes_row_numbers_only():
+    """A uint8 or bool index (a mask to torch) or a float one is refused, not reinterpreted;
+    the cache is left as it was."""
+    cache = MiniCache(3, [(0, 1)])
+    for layer in range(3):
+        cache.update(layer, torch.randn(2, 2, 5, D), torch.randn(2, 2, 5, D))
+    before = _snapshot(cache)
+    for index, exc, match in (
+            (torch.tensor([1, 0], dtype=torch.uint8), TypeError, "index: expected an integer"),
+            (torch.tensor([True, False]), TypeError, "dtype torch.bool"),
+            (torch.tensor([1.0, 0.0]), TypeError, "dtype torch.float32"),
+            (torch.tensor([1, 0], device="meta"), ValueError, "index: a tensor on the meta")):
+        with pytest.raises(exc, match=match):
+            cache.select_batch(index)
+        _same(before, _snapshot(cache))
+    for dtype in (torch.int8, torch.int32):
+        cache.select_batch(torch.tensor([1, 0], dtype=dtype))   # any signed integer rows
+
+
+def test_meta_states_are_refused_before_anything_is_stored():
+    cache = MiniCache(3, [(0, 1)])
+    k = torch.randn(1, 2, 5, D, device="meta")
+    with pytest.raises(ValueError, match="k: a tensor on the meta device"):
+        cache.update(0, k, k)
+    assert cache.seq_len(0) == 0
+    cache.update(0, torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D))   # not stuck mid-prefill
 
 
 def test_mean_pairs_take_any_states():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,7 +119,11 @@ CASES = {
                                "tail_lens: given without k_tail/v_tail"),
     "sm_scale_type": (dict(sm_scale="0.1"), TypeError, "sm_scale: expected a float, got str '0.1'"),
     "sm_scale_nan": (dict(sm_scale=float("nan")), ValueError,
-                     "sm_scale: expected a finite number, got nan"),
+                     "sm_scale: expected a finite float32 number, got nan"),
+    "sm_scale_huge": (dict(sm_scale=1e300), ValueError,
+                      "sm_scale: expected a finite float32 number, got 1e+300"),
+    "sm_scale_meta": (dict(sm_scale=torch.tensor(0.5, device="meta")), ValueError,
+                      "sm_scale: a tensor on the meta device holds no data"),
     "return_lse": (dict(return_lse=1), TypeError, "return_lse: expected a bool, got int"),
     "num_splits_zero": (dict(num_splits=0), ValueError,
                         "num_splits: expected a value in [1, 1024], got 0"),
@@ -136,6 +141,14 @@ def test_bad_input_raises(name):
     with pytest.raises(exc, match=None) as info:
         call(a)
     assert text in str(info.value), f"{name}: {info.value!s} does not mention {text!r}"
+
+
+def test_numpy_flags_and_counts():
+    """return_lse and num_splits take numpy bools and integers, as the other arguments do."""
+    a = args()
+    want_o, want_lse = call(dict(a, return_lse=True, num_splits=2))
+    o, lse = call(dict(a, return_lse=np.bool_(True), num_splits=np.int64(2)))
+    assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
 
 
 def test_sm_scale_number_types():

@@ -170,6 +170,12 @@ def test_nothing_written_on_error(backend, pair):
 
 
 @pytest.mark.parametrize("field,value,exc,match", [
+    ("e", lambda m: None, TypeError, "m.e: expected a tensor, got NoneType"),
+    ("kept_cur", lambda m: None, TypeError, "m.kept_cur: expected a tensor, got NoneType"),
+    ("e", lambda m: m.e.double(), TypeError, "m.e: dtype torch.float64 is not supported"),
+    ("e", lambda m: m.e[..., :8], ValueError, "m.e: head dim D=8 is outside"),
+    ("slot", lambda m: torch.where(m.slot >= 0, m.slot.amax(), m.slot), ValueError,
+     "m.slot: expected each row 0..[0-9]+ of the retained store once"),
     ("mag_prev", lambda m: m.mag_prev.double(), TypeError, "m.mag_prev: expected torch.float32"),
     ("slot", lambda m: m.slot.long(), TypeError, "m.slot: expected torch.int32"),
     ("slot", lambda m: m.slot.abs() + 5, ValueError, "m.slot: expected -1 .* got values from"),
@@ -181,10 +187,35 @@ def test_nothing_written_on_error(backend, pair):
 def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
     import dataclasses
     m = minitriton.merge(*pair, gamma=0.5)
-    assert m.num_retained > 0
-    if pair[0].device.type != "cpu" and "m.slot: expected -1" in match:
+    assert m.num_retained > 1
+    if pair[0].device.type != "cpu" and "m.slot:" in match:
         pytest.skip("the slot range is checked on CPU only (on CUDA it would synchronise)")
     _raises(exc, match, minitriton.restore, dataclasses.replace(m, **{field: value(m)}))
+
+
+def test_cat_checks_each_pair(pair):
+    import dataclasses
+    xp, xc = pair
+    a = minitriton.merge(xp[:, :, :3], xc[:, :, :3], 0.6, 0.5)
+    b = minitriton.merge(xp[:, :, 3:], xc[:, :, 3:], 0.6, 0.5)
+    cases = [(dataclasses.replace(b, e=b.e[0]), "pairs\\[1\\].e: expected"),
+             (dataclasses.replace(b, slot=None), "pairs\\[1\\].slot: expected a tensor"),
+             (dataclasses.replace(b, slot=b.slot.long()), "pairs\\[1\\].slot: expected "
+                                                         "torch.int32")]
+    if xp.device.type == "cpu":   # slot values are checked on CPU pairs only (no sync)
+        cases.append((dataclasses.replace(b, kept_prev=b.kept_prev[:0], kept_cur=b.kept_cur[:0]),
+                      "pairs\\[1\\].slot: expected -1"))
+    for broken, match in cases:
+        with pytest.raises((TypeError, ValueError), match=match):
+            minitriton.MergedPair.cat([a, broken])
+
+
+def test_sparse_and_meta_arguments(backend, pair):
+    xp, xc = pair
+    _raises(TypeError, "x_prev: expected a dense \\(strided\\) tensor, got layout "
+            "torch.sparse_coo", minitriton.merge, xp.cpu().to_sparse(), xc.cpu().to_sparse())
+    _raises(ValueError, "t: a tensor on the meta device", minitriton.merge, xp, xc,
+            t=torch.tensor(0.5, device="meta"))
 
 
 def test_pair_to_arguments(pair):
@@ -194,6 +225,8 @@ def test_pair_to_arguments(pair):
             "dtype torch.float16", m.to, torch.float16)
     _raises(TypeError, "device: expected .* got bool True", m.to, True)
     _raises(ValueError, "device: 'gpu0' is not a usable device", m.to, "gpu0")
+    if not torch.cuda.is_available():
+        _raises(ValueError, "device: cannot move a MergedPair to cuda", m.to, "cuda")
 
 
 def test_cat_arguments(pair):

@@ -117,6 +117,42 @@ def test_crop_and_batch_edits(model):
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
 
 
+def test_bad_batch_edits_and_layers_are_named(model):
+    """Batch edits take integer row numbers (never coerced from masks or floats), a repeat
+    count >= 1, and updates a layer index in range."""
+    ids = torch.cat([_ids(6, seed=4), _ids(6, seed=5)])
+    cache = MiniCacheHF(model.config, window=2)
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model, cache))
+    before = cache.core.get(3)[0].clone()
+    for edit, exc, match in (
+            (lambda: cache.reorder_cache(torch.tensor([True, False])), TypeError, "index:"),
+            (lambda: cache.reorder_cache(torch.tensor([1.7, 0.2])), TypeError, "index:"),
+            (lambda: cache.batch_select_indices([1.0]), TypeError, "index:"),
+            (lambda: cache.batch_repeat_interleave(-1), ValueError, "repeats: expected an int"),
+            (lambda: cache.batch_repeat_interleave(0), ValueError, "repeats: expected an int"),
+            (lambda: cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), L),
+             ValueError, f"layer_idx: expected an int in \\[0, {L}\\), got {L}")):
+        with pytest.raises(exc, match=match):
+            edit()
+        assert torch.equal(cache.core.get(3)[0], before)
+    cache.reorder_cache([1, 0])                               # a list of rows is fine
+    assert torch.equal(cache.core.get(3)[0], before[[1, 0]])
+
+
+def test_configs_without_a_layer_count_are_named():
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="config: expected a model config with num_hidden_layers"):
+        MiniCacheHF(object())
+    for n in ("4", 4.7, 0):      # (a config object that does not check its own fields)
+        cfg = SimpleNamespace(num_hidden_layers=n, hidden_size=32, num_attention_heads=2)
+        with pytest.raises((TypeError, ValueError), match="config.num_hidden_layers"):
+            MiniCacheHF(cfg)
+    assert MiniCacheHF(SimpleNamespace(num_hidden_layers=4, hidden_size=32,
+                                       num_attention_heads=2)).core.num_layers == 4
+
+
 def test_mask_verdict_once_per_mask(model, monkeypatch):
     """The layers of a step share one mask: its verdict (a host sync on a GPU) is computed once
     per mask tensor, and again when the tensor is another one or was edited in place."""

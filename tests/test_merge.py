@@ -3,6 +3,7 @@ kernels (interpreter on a CPU) and the torch path."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -222,12 +223,44 @@ def test_finite_in_finite_out(backend, device, dtype, seed, scale):
     if dtype == torch.float16 and scale < 1e-6:
         scale = 1e-4                # below float16's subnormals the inputs are just zeros
     xp, xc = make_pair(1, 2, 9, 48, dtype, device, seed=seed, corr=0.5)
-    finfo = torch.finfo(dtype)
-    xp = (xp.float() * scale).clamp(-finfo.max / 8, finfo.max / 8).to(dtype)
-    xc = (xc.float() * scale).clamp(-finfo.max / 8, finfo.max / 8).to(dtype)
+    # float16: components up to its largest number, so |x| can pass it (restore saturates);
+    # float32 / bfloat16: |x| within float32's range (merge's documented domain).
+    bound = torch.finfo(dtype).max / (1 if dtype == torch.float16 else 8)
+    xp = (xp.float() * scale).clamp(-bound, bound).to(dtype)
+    xc = (xc.float() * scale).clamp(-bound, bound).to(dtype)
     m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude="projection")
     for x in (m.e, m.mag_prev, m.mag_cur, *minitriton.restore(m)):
         assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
+def test_half_restore_saturates(backend, device, dtype):
+    """A restored value beyond a half dtype's range is its largest number with its sign, not
+    inf; NaN stays NaN; decode_attention's output likewise. (x_prev = (max, 0.085 max, 0, ...)
+    has |x_prev| just above max; at t = 1 e is x_cur's direction, the first axis, so restore
+    puts all of |x_prev| there.)"""
+    big = torch.finfo(dtype).max
+    xp = torch.zeros(1, 1, 4, 16, device=device)
+    xp[..., 0], xp[..., 1] = big, 0.085 * big
+    xc = torch.zeros_like(xp)
+    xc[..., 0] = 1
+    xp[0, 0, 1] *= -1
+    xc[0, 0, 1] *= -1
+    xp, xc = xp.to(dtype), xc.to(dtype)
+    m = minitriton.merge(xp, xc, 1.0, 0.0)
+    got = minitriton.restore(m, "prev")
+    want = (m.mag_prev.double().unsqueeze(-1) * m.e.double())
+    assert (want[..., 0].abs() > big * (1 + UNIT[dtype] / 2)).all()   # rounds to inf unclamped
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[..., 0].double(), torch.sign(want[..., 0]) * big)
+    assert_close(got[..., 1:], want[..., 1:], dtype, what="restore below the range")
+    q = torch.zeros(1, 2, 16, device=device, dtype=dtype)                 # uniform weights
+    keep = slice(2, 4)                                                    # same-sign tokens
+    m2 = minitriton.merge(xp[:, :, keep], xc[:, :, keep], 1.0, 0.0)
+    o = minitriton.decode_attention(q, m2, m2, layer="prev")
+    assert torch.isfinite(o).all() and (o[..., 0] == big).all()
+    nan_pair = dataclasses.replace(m, mag_prev=torch.full_like(m.mag_prev, math.nan))
+    assert torch.isnan(minitriton.restore(nan_pair, "prev")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)

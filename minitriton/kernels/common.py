@@ -31,6 +31,24 @@ def atan2_nonneg(y, x):
     return tl.where(y > x, 1.5707963267948966 - r, r)
 
 
+@triton.jit
+def saturate(x, OUT_MAX: tl.constexpr):
+    """x clamped to [-OUT_MAX, OUT_MAX] (NaN stays NaN), or x itself when OUT_MAX is 0: a
+    float32 result stored as float16 or bfloat16 stays finite (see `out_max`)."""
+    if OUT_MAX > 0:
+        x = tl.clamp(x, -OUT_MAX, OUT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return x
+
+
+def out_max(dtype) -> float:
+    """`saturate`'s bound for results stored in `dtype` (a torch dtype or "fp16"/"bf16"/
+    "fp32"): the largest finite float16 / bfloat16, 0 (no clamp) for float32."""
+    import torch
+    name = dtype if isinstance(dtype, str) else torch_to_tl_dtype(dtype)
+    return {"fp16": float(torch.finfo(torch.float16).max),
+            "bf16": float(torch.finfo(torch.bfloat16).max)}.get(name, 0.0)
+
+
 def version(text: str) -> tuple:
     """(major, minor) of a version string such as "3.10.0+git1234"."""
     return tuple(int(p) for p in text.split(".")[:2])

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..backend import interpreter_enabled
 from ..pair import _layer_parts
-from .common import block_d, torch_to_tl_dtype, version
+from .common import block_d, out_max, saturate, torch_to_tl_dtype, version
 
 # Without a GPU (interpreter, ahead-of-time builds) there is no multiprocessor count: use an
 # H100/H200's 132 so that the split heuristic behaves as it would there.
@@ -183,7 +183,7 @@ def _decode_split_kernel(
 def _decode_reduce_kernel(
     WS, O, LSE, NUM_SPLITS, HQ, D,
     stride_wb, stride_wh, stride_ws, stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    OUT_MAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (b, hq): o = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)."""
     i_bh = tl.program_id(0).to(tl.int64)
@@ -217,8 +217,9 @@ def _decode_reduce_kernel(
     o = tl.where(has, acc / tl.where(has, l_run, 1.0), 0.0)
     lse = tl.where(has, (m_run + tl.math.log2(tl.where(has, l_run, 1.0))) * 0.6931471805599453,
                    float("-inf"))
+    # (o is a weighted mean of restored values: beyond a half dtype's range it saturates)
     tl.store(O + i_b * stride_ob + i_h * stride_oh + o_d * stride_od,
-             o.to(O.dtype.element_ty), mask=m_d)
+             saturate(o, OUT_MAX).to(O.dtype.element_ty), mask=m_d)
     tl.store(LSE + i_b * stride_lb + i_h * stride_lh, lse)
 
 
@@ -373,7 +374,8 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
         workspace, out, lse, num_splits, Hq, D,
         workspace.stride(0), workspace.stride(1), workspace.stride(2),
         *out.stride(), *lse.stride(),
-        BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd, num_warps=1 if interpreter_enabled() else 4,
+        OUT_MAX=out_max(out.dtype), BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd,
+        num_warps=1 if interpreter_enabled() else 4,
     )
     return out, lse
 
@@ -421,10 +423,11 @@ def aot_specs() -> list:
                     sig[a] = "*fp32"
                 elif a == "O":
                     sig[a] = "*" + ty
-                elif a in ("BLOCK_S", "BLOCK_D"):
+                elif a in ("OUT_MAX", "BLOCK_S", "BLOCK_D"):
                     sig[a] = "constexpr"
                 else:
                     sig[a] = "i32"
             specs.append((f"decode_reduce_{ty}_d{bd}", _decode_reduce_kernel, sig,
-                          dict(BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd), 4, 1))
+                          dict(OUT_MAX=out_max(dtype), BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd),
+                          4, 1))
     return specs

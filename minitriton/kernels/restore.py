@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from .common import (batch_chunks, block_d, tile_pruner, token_tile_autotune,
-                     token_tile_configs)
+from .common import (batch_chunks, block_d, out_max, saturate, tile_pruner,
+                     token_tile_autotune, token_tile_configs)
 
 
 # At most 16 elements of a [BLOCK_S, BLOCK_D] tile per thread (32 spill at D = 256).
@@ -28,7 +28,7 @@ def _restore_kernel(
     H, S, D,
     se_b, se_h, se_s, se_d,
     so_b, so_h, so_s, so_d,
-    WRITE_PREV: tl.constexpr, WRITE_CUR: tl.constexpr,
+    WRITE_PREV: tl.constexpr, WRITE_CUR: tl.constexpr, OUT_MAX: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Grid (S tiles, H, B): axis x takes up to 2^31 - 1 tiles, y and z up to 65535 (the
@@ -52,16 +52,17 @@ def _restore_kernel(
     p_k = o_d[None, :] + tl.where(kept, slot, 0)[:, None] * D
     p_o = i_b * so_b + i_h * so_h + o_s[:, None] * so_s + o_d[None, :] * so_d
     out_ty = op_ptr.dtype.element_ty
-    # Originals stay in their dtype (no float32 round trip): bit-exact by construction.
+    # Originals stay in their dtype (no float32 round trip): bit-exact by construction. A
+    # restored value beyond a half dtype's range (|x| above its largest number) saturates.
     if WRITE_PREV:
         mag_p = tl.load(magp_ptr + o_tok, mask=m_s, other=0.0)
         b_kp = tl.load(kp_ptr + p_k, mask=m_kd, other=0.0)
-        b_op = tl.where(kept[:, None], b_kp, (mag_p[:, None] * b_e).to(out_ty))
+        b_op = tl.where(kept[:, None], b_kp, saturate(mag_p[:, None] * b_e, OUT_MAX).to(out_ty))
         tl.store(op_ptr + p_o, b_op, mask=m_sd)
     if WRITE_CUR:
         mag_c = tl.load(magc_ptr + o_tok, mask=m_s, other=0.0)
         b_kc = tl.load(kc_ptr + p_k, mask=m_kd, other=0.0)
-        b_oc = tl.where(kept[:, None], b_kc, (mag_c[:, None] * b_e).to(out_ty))
+        b_oc = tl.where(kept[:, None], b_kc, saturate(mag_c[:, None] * b_e, OUT_MAX).to(out_ty))
         tl.store(oc_ptr + p_o, b_oc, mask=m_sd)
 
 
@@ -91,7 +92,7 @@ def restore_triton(m: MergedPair, layer=None):
             _restore_autotuned[grid](
                 m.e[b], mag_p[b], mag_c[b], slot[b], kept_p, kept_c, o_p[b], o_c[b],
                 H, S, D, *m.e.stride(), *any_out.stride(), WRITE_PREV=want_p,
-                WRITE_CUR=want_c, BLOCK_D=block_d(D))
+                WRITE_CUR=want_c, OUT_MAX=out_max(m.dtype), BLOCK_D=block_d(D))
     if layer is None:
         return out_p, out_c
     return out_p if want_p else out_c
@@ -110,12 +111,13 @@ def aot_specs() -> list:
                "op_ptr": f"*{dt}", "oc_ptr": f"*{dt}", "H": "i32", "S": "i32", "D": "i32",
                "se_b": "i64", "se_h": "i64", "se_s": "i64", "se_d": "i64",
                "so_b": "i64", "so_h": "i64", "so_s": "i64", "so_d": "i64",
-               "WRITE_PREV": "constexpr", "WRITE_CUR": "constexpr",
+               "WRITE_PREV": "constexpr", "WRITE_CUR": "constexpr", "OUT_MAX": "constexpr",
                "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
         for cfg in _prune(token_tile_configs(), {}, BLOCK_D=bd):
             bs = cfg.kwargs["BLOCK_S"]
             specs.append((f"restore[{dt},BD={bd},out={int(wp)}{int(wc)},BS={bs},"
                            f"w={cfg.num_warps}]", _restore_kernel, sig,
-                          {"WRITE_PREV": wp, "WRITE_CUR": wc, "BLOCK_S": bs, "BLOCK_D": bd},
+                          {"WRITE_PREV": wp, "WRITE_CUR": wc, "OUT_MAX": out_max(dt),
+                           "BLOCK_S": bs, "BLOCK_D": bd},
                           cfg.num_warps, cfg.num_stages))
     return specs
