@@ -35,6 +35,7 @@ from .cache import DEFAULT_WINDOW, MergePlan, PairSpec
 from .evaluate import STRIDE, WINDOWS, evaluate_plans, prefill, token_windows
 
 CALIBRATION_START = STRIDE * WINDOWS   # the eval windows use tokens [0, 3072)
+DEFAULT_TOP = 14   # cheapest pairs that get the settings grid (the shipped plans used 14)
 SETTINGS = (  # (t, magnitude) tried per pair in step 2
     (0.6, "projection"), (0.0, "projection"), (1.0, "projection"), (0.6, "norm"),
 )
@@ -92,7 +93,7 @@ class CalibrationReport:
 
 def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
               budget_pct: float = 3.0, start: int = CALIBRATION_START, n_windows: int = 4,
-              sink: int = 4, gamma: float = 0.05, top: int = 10,
+              sink: int = 4, gamma: float = 0.05, top: int = DEFAULT_TOP,
               match_compression: Optional[float] = None, window: int = DEFAULT_WINDOW,
               progress: bool = True, return_report: bool = False):
     """Choose the pairs and per-pair settings (t, magnitude, sink) that give the most
@@ -106,7 +107,8 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
         n_windows: calibration windows (512 prefix + 256 continuation, stride 768); 4 by
             default (tokens 3072 to 6144 of the embedded text).
         sink, gamma: per-pair sink tokens and retention threshold.
-        top: how many of the cheapest pairs get the settings grid and may enter the plan.
+        top: how many of the cheapest pairs get the settings grid and may enter the plan
+            (default 14, as `python -m minitriton calibrate`).
         match_compression: also build "calibrated-matched", adding pairs until the plan's
             compression reaches this (default: that of the paper's plan on these windows).
         return_report: return a `CalibrationReport` instead of the budget `MergePlan`.

@@ -18,6 +18,57 @@ import time
 from pathlib import Path
 
 from .cache import DEFAULT_WINDOW, MergePlan
+from .calibrate import DEFAULT_TOP
+
+
+# ---- argument types: a bad value is an argparse error (usage + message), before any work ----
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {v}")
+        return v
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _unit_float(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
+def _budget(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a percentage > 0, got {v}")
+    return v
+
+
+def _shape(text: str) -> tuple:
+    from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,H,S,D (four ints >= 1), got {text!r}")
+    if not MIN_HEAD_DIM <= dims[3] <= MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"head dim D={dims[3]} is outside the supported "
+                                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    return dims
 
 
 def _load(args):
@@ -40,9 +91,12 @@ def _configs(model, args) -> dict:
     configs = default_configs(L, extra)
     if getattr(args, "configs", None):
         names = args.configs.split(",")
+        if "custom" in configs and "custom" not in names:
+            names.append("custom")          # --plan is always evaluated
         unknown = [n for n in names if n not in configs]
         if unknown:
-            raise SystemExit(f"--configs: unknown {unknown}; known: {list(configs)}")
+            hint = "" if "custom" in configs else " ('custom' is the plan given by --plan)"
+            raise SystemExit(f"--configs: unknown {unknown}; known: {list(configs)}{hint}")
         configs = {n: configs[n] for n in names}
     return configs
 
@@ -196,23 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="MiniCache on the embedded SmolLM2-135M model")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    common.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+    common.add_argument("--threads", type=_int_at_least(1), default=None,
+                        help="torch CPU threads")
+    common.add_argument("--window", type=_int_at_least(1), default=DEFAULT_WINDOW,
                         help=f"W, decoded tokens merged at once (default {DEFAULT_WINDOW})")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", parents=[common], help="PPL and compression per config")
     e.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    e.add_argument("--windows", type=int, default=4, help="eval windows (default 4)")
-    e.add_argument("--plan", help="a plan JSON (from calibrate --out), evaluated as 'custom'")
+    e.add_argument("--windows", type=_int_at_least(1), default=4,
+                   help="eval windows (default 4)")
+    e.add_argument("--plan", help="a plan JSON (from calibrate --out), evaluated as 'custom' "
+                                  "(also with --configs)")
     e.add_argument("--configs", help="comma-separated subset, e.g. full,minicache")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("calibrate", parents=[common], help="choose pairs and per-pair settings")
-    c.add_argument("--budget", type=float, default=3.0, help="PPL budget, %% over dense (3)")
-    c.add_argument("--windows", type=int, default=4, help="calibration windows (4)")
-    c.add_argument("--sink", type=int, default=4, help="dense sink tokens per pair (4)")
-    c.add_argument("--top", type=int, default=14, help="cheapest pairs considered (14)")
+    c.add_argument("--budget", type=_budget, default=3.0, help="PPL budget, %% over dense (3)")
+    c.add_argument("--windows", type=_int_at_least(1), default=4,
+                   help="calibration windows (4)")
+    c.add_argument("--sink", type=_int_at_least(0), default=4,
+                   help="dense sink tokens per pair (4)")
+    c.add_argument("--top", type=_int_at_least(1), default=DEFAULT_TOP,
+                   help=f"cheapest pairs considered ({DEFAULT_TOP})")
     c.add_argument("--out", help="write the budget plan as JSON")
     c.add_argument("--plots", help="folder for similarity.png and calibration.png")
     c.add_argument("--json", action="store_true", help="last stdout line: the report as JSON")
@@ -220,16 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="generate, compare, plot")
     d.add_argument("--out", default="minitriton-demo", help="plots folder (./minitriton-demo)")
-    d.add_argument("--windows", type=int, default=1, help="quality windows (1; eval uses 4)")
+    d.add_argument("--windows", type=_int_at_least(1), default=1,
+                   help="quality windows (1; eval uses 4)")
     d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("synthetic", help="merge a synthetic cache (no model needed)")
-    s.add_argument("--shape", default="2,8,2048,128", help="B,H,S,D (2,8,2048,128)")
+    s.add_argument("--shape", type=_shape, default="2,8,2048,128",
+                   help="B,H,S,D (2,8,2048,128)")
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    s.add_argument("--t", type=float, default=0.6)
-    s.add_argument("--gamma", type=float, default=0.05)
+    s.add_argument("--t", type=_unit_float, default=0.6)
+    s.add_argument("--gamma", type=_unit_float, default=0.05)
     s.set_defaults(func=cmd_synthetic)
     return p
 
@@ -238,7 +300,7 @@ def cmd_synthetic(args) -> int:
     import torch
 
     from .synthetic import run
-    B, H, S, D = (int(v) for v in args.shape.split(","))
+    B, H, S, D = args.shape
     run(B, H, S, D, dtype=getattr(torch, args.dtype), t=args.t, gamma=args.gamma)
     return 0
 

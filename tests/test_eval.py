@@ -103,6 +103,48 @@ def test_cli_parser():
     assert args.out == "minitriton-demo"
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["synthetic", "--gamma", "2"], "--gamma: expected a number in [0, 1], got 2.0"),
+    (["synthetic", "--t", "nan"], "--t: expected a number in [0, 1], got nan"),
+    (["synthetic", "--shape", "1,4,256,8"], "head dim D=8 is outside"),
+    (["synthetic", "--shape", "1,4,256"], "expected B,H,S,D"),
+    (["eval", "--windows", "0"], "--windows: expected an int >= 1, got 0"),
+    (["eval", "--window", "x"], "--window: expected an int >= 1, got 'x'"),
+    (["calibrate", "--budget", "-1"], "--budget: expected a percentage > 0"),
+    (["calibrate", "--sink", "-2"], "--sink: expected an int >= 0"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1"),
+])
+def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_given_plan_with_any_configs(model, tmp_path):
+    from types import SimpleNamespace
+
+    from minitriton.cli import _configs
+
+    path = tmp_path / "plan.json"
+    path.write_text(MergePlan([(1, 2)]).to_json())
+    args = SimpleNamespace(plan=str(path), configs="full,minicache")
+    assert list(_configs(model, args)) == ["full", "minicache", "custom"]
+    assert list(_configs(model, SimpleNamespace(plan=None, configs=None)))[0] == "full"
+    with pytest.raises(SystemExit, match="'custom' is the plan given by --plan"):
+        _configs(model, SimpleNamespace(plan=None, configs="full,custom"))
+
+
+def test_calibrate_defaults_match_the_command():
+    import inspect
+
+    args = build_parser().parse_args(["calibrate"])
+    params = inspect.signature(calibrate).parameters
+    for name in ("top", "sink"):
+        assert params[name].default == getattr(args, name), name
+    assert params["budget_pct"].default == args.budget and params["n_windows"].default == \
+        args.windows
+
+
 def test_windows_argument():
     from minitriton.evaluate import token_windows
 
