@@ -44,8 +44,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
             q's dtype and device, any strides), e.g. the tokens since the last merge.
         seq_lens: optional int32 `[B]` on q's device, values in [0, S]; default S for all rows.
         tail_lens: optional int32 `[B]` on q's device, values in [0, T]; default T.
-        sm_scale: softmax scale, a number (a one-element tensor is read on the host: keep it
-            on the CPU when capturing a CUDA graph); default 1 / sqrt(D).
+        sm_scale: softmax scale, a finite number within float32's range (a one-element
+            tensor is read on the host: keep it on the CPU when capturing a CUDA graph);
+            default 1 / sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores.
         num_splits: Triton path only: split the token axis over this many programs per KV head
             (1 to 1024; more splits than blocks is allowed and only wastes a little). Default: a
@@ -56,7 +57,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         o `[B, Hq, D]` in q's dtype; with return_lse, `(o, lse)` with lse float32 `[B, Hq]`, the
         natural log of the softmax denominator of the scaled scores (to combine this attention
         with attention over other segments). A row with no token at all (seq_len = tail_len = 0)
-        gives o = 0 and lse = -inf.
+        gives o = 0 and lse = -inf. A float16/bfloat16 o is clamped to the dtype's finite
+        range (NaN stays NaN), as `restore` is: values beyond it saturate, not become inf.
 
     Lengths are checked against [0, S] / [0, T] when they live on the CPU. On CUDA that check
     would need a host synchronisation, so it is not made there; instead the kernels clamp each

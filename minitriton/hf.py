@@ -173,8 +173,10 @@ class MiniCacheHF(Cache):
     # ---- the update that the model's attention layers call ----
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         L = self.core.num_layers
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) \
-                or not 0 <= layer_idx < L:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
+            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__} "
+                            f"{layer_idx!r}")
+        if not 0 <= layer_idx < L:
             raise ValueError(f"layer_idx: expected an int in [0, {L}), got {layer_idx!r}")
         return super().update(key_states, value_states, int(layer_idx), *args, **kwargs)
 
@@ -233,8 +235,11 @@ class MiniCacheHF(Cache):
         """Keep (reorder, repeat) the batch rows `beam_idx`: integer row numbers, as a tensor
         or a sequence (checked by `MiniCache.select_batch`; never coerced)."""
         if self.get_seq_length() > 0:
-            self.core.select_batch(beam_idx if isinstance(beam_idx, torch.Tensor)
-                                   else torch.as_tensor(beam_idx))
+            if not isinstance(beam_idx, torch.Tensor):
+                beam_idx = torch.as_tensor(beam_idx)
+                if not beam_idx.numel():   # (an empty list reads as float32)
+                    beam_idx = beam_idx.long()
+            self.core.select_batch(beam_idx)
 
     def batch_select_indices(self, indices) -> None:
         self.reorder_cache(indices)

@@ -89,6 +89,11 @@ def restore(m: MergedPair, layer: str | None = None):
         x_prev_hat = mag_prev * e,  x_cur_hat = mag_cur * e,  retained tokens = their originals
         (bit-exact).
 
+    mag * e is computed in float32 and rounded once to the dtype. In float16/bfloat16, a value
+    beyond the dtype's range (a vector longer than its largest number, restored onto a
+    direction close to one axis) saturates at the largest number with its sign instead of
+    becoming inf.
+
     The Triton kernel is autotuned per head dim and dtype: its first call for each benchmarks
     a few tile configs (host synchronisations), so call it once before capturing it in a CUDA
     graph, or set MINITRITON_AUTOTUNE=0 before importing minitriton (one fixed config).

@@ -138,9 +138,7 @@ class MergePlan:
     @classmethod
     def paper(cls, num_layers: int, *, start: Optional[int] = None, **settings) -> "MergePlan":
         """The paper's plan: (s, s+1), (s+2, s+3), ... from s = num_layers // 2 while s + 1 < L."""
-        num_layers = check_index("num_layers", num_layers, "an int")
-        if num_layers < 1:
-            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers}")
+        num_layers = check_index("num_layers", num_layers, "an int", low=1)
         s = num_layers // 2 if start is None else check_index("start", start, "a layer index")
         return cls([(a, a + 1) for a in range(s, num_layers - 1, 2)], num_layers=num_layers,
                    **settings)

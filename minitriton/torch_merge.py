@@ -265,7 +265,9 @@ def _like_view(y, ref_view):
 
 def saturate(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """y (float32) clamped in place to the finite range of `dtype` when that is float16 or
-    bfloat16 (NaN stays NaN): a restored value beyond it saturates instead of rounding to inf."""
+    bfloat16 (NaN stays NaN): a value beyond it saturates instead of rounding to inf. (A float32
+    intermediate that overflowed to inf, e.g. a decode accumulator over values near float32's
+    limit, saturates too, as does an inf that came in with the input.)"""
     if dtype != torch.float32:
         bound = torch.finfo(dtype).max
         y.clamp_(-bound, bound)

@@ -132,12 +132,16 @@ def test_bad_batch_edits_and_layers_are_named(model):
             (lambda: cache.batch_repeat_interleave(-1), ValueError, "repeats: expected an int"),
             (lambda: cache.batch_repeat_interleave(0), ValueError, "repeats: expected an int"),
             (lambda: cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), L),
-             ValueError, f"layer_idx: expected an int in \\[0, {L}\\), got {L}")):
+             ValueError, f"layer_idx: expected an int in \\[0, {L}\\), got {L}"),
+            (lambda: cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), "0"),
+             TypeError, "layer_idx: expected an int, got str")):
         with pytest.raises(exc, match=match):
             edit()
         assert torch.equal(cache.core.get(3)[0], before)
     cache.reorder_cache([1, 0])                               # a list of rows is fine
     assert torch.equal(cache.core.get(3)[0], before[[1, 0]])
+    cache.reorder_cache([])                                   # and so is an empty one
+    assert cache.core.batch_size() == 0
 
 
 def test_configs_without_a_layer_count_are_named():

@@ -236,7 +236,8 @@ def test_finite_in_finite_out(backend, device, dtype, seed, scale):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
 def test_half_restore_saturates(backend, device, dtype):
     """A restored value beyond a half dtype's range is its largest number with its sign, not
-    inf; NaN stays NaN; decode_attention's output likewise. (x_prev = (max, 0.085 max, 0, ...)
+    inf; NaN stays NaN; decode_attention's output likewise (also where its float32 sums
+    overflow, or an input was inf). (x_prev = (max, 0.085 max, 0, ...)
     has |x_prev| just above max; at t = 1 e is x_cur's direction, the first axis, so restore
     puts all of |x_prev| there.)"""
     big = torch.finfo(dtype).max
@@ -261,6 +262,11 @@ def test_half_restore_saturates(backend, device, dtype):
     assert torch.isfinite(o).all() and (o[..., 0] == big).all()
     nan_pair = dataclasses.replace(m, mag_prev=torch.full_like(m.mag_prev, math.nan))
     assert torch.isnan(minitriton.restore(nan_pair, "prev")).all()
+    v_tail = torch.zeros(1, 1, 2, 16, device=device, dtype=dtype)        # (inf saturates too)
+    v_tail[0, 0, 0, 1] = math.inf
+    o = minitriton.decode_attention(q, m2, m2, layer="prev", k_tail=torch.zeros_like(v_tail),
+                                    v_tail=v_tail)
+    assert (o[..., 1] == big).all() and torch.isfinite(o).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)

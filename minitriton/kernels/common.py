@@ -33,8 +33,8 @@ def atan2_nonneg(y, x):
 
 @triton.jit
 def saturate(x, OUT_MAX: tl.constexpr):
-    """x clamped to [-OUT_MAX, OUT_MAX] (NaN stays NaN), or x itself when OUT_MAX is 0: a
-    float32 result stored as float16 or bfloat16 stays finite (see `out_max`)."""
+    """x clamped to [-OUT_MAX, OUT_MAX] (NaN stays NaN, inf saturates), or x itself when
+    OUT_MAX is 0: a float32 result stored as float16 or bfloat16 stays finite (see `out_max`)."""
     if OUT_MAX > 0:
         x = tl.clamp(x, -OUT_MAX, OUT_MAX, propagate_nan=tl.PropagateNan.ALL)
     return x
