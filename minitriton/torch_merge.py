@@ -290,9 +290,8 @@ def gather_retained_torch(x_prev, x_cur, retained):
 
 def restore_torch(m: MergedPair, layer=None):
     """See `minitriton.restore`. mag * e in float32 (saturated to a half dtype's range), rounded
-    once to the dtype; e is upcast
-    once for both layers (on a CPU, a half-precision e chunk by chunk through a reused float32
-    buffer)."""
+    once to the dtype; e is upcast once for both layers (on a CPU, a half-precision e chunk by
+    chunk through a reused float32 buffer)."""
     layers = ("prev", "cur") if layer is None else (layer,)
     mags = [_layer_parts(m, name)[0].unsqueeze(-1) for name in layers]
     if chunked(m.e):
