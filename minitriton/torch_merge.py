@@ -8,9 +8,9 @@ over `[B, H, S]`. Two identities avoid further passes:
     |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega)     (no pass over e to renormalise it)
     x_prev . e = a |x_prev|^2 + b (x_prev . x_cur)     (projection magnitudes without a pass)
 
-On a CPU the passes go chunk by chunk (~1 MiB of each input), through one reused float32
-scratch chunk (the products for the dot; float32 copies of float16/bfloat16 inputs): no
-full-size temporaries, and no fresh memory to fault in but e's.
+On a CPU the passes go chunk by chunk (1 MiB of both inputs per thread), through one reused
+float32 scratch chunk (the products for the dot; float32 copies of float16/bfloat16 inputs):
+no full-size temporaries, and no fresh memory to fault in but e's.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ _COS_FAR = -0.9
 # cos outside [_COS_FAR, _COS_NEAR] <=> |cos - _MID| > _HALF (one full-size test)
 _MID, _HALF = (_COS_NEAR + _COS_FAR) / 2, (_COS_NEAR - _COS_FAR) / 2
 
-# Tokens per chunk: 2 inputs x float32 x CHUNK_TOKENS x D = 2 MiB, so that a chunk of both
-# inputs and of the scratch (or of e) stays in the cores' L2 between the ops that read it again
-# (measured: 1-16 MiB within noise of each other; 512 KiB slower, per-op overhead).
-_CHUNK_BYTES = 1 << 21
+# Tokens per chunk: 2 inputs x float32 x tokens x D = 1 MiB per thread of torch's pool (at most
+# 16 MiB), so that each thread's share of a chunk of both inputs and of the scratch (or of e)
+# stays in its core's L2 between the ops that read it again. Measured on 2 cores with 2 MiB of
+# L2 each: with one thread, 2 MiB chunks are 7% (float32) to 13% (bfloat16) slower than 1 MiB;
+# with two, 2 MiB and 4 MiB are within noise of each other; 256-512 KiB a thread is slower
+# (per-op overhead).
+_CHUNK_BYTES_PER_THREAD = 1 << 20
+_MAX_CHUNK_BYTES = 1 << 24
 
 
 def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
@@ -254,8 +258,14 @@ def _token_views(x_prev, x_cur, chunked: bool):
         n, tokens_per_index = B * H * S, 1
     except RuntimeError:
         views, n, tokens_per_index = (x_prev, x_cur), S, B * H
-    step = n if not chunked else _CHUNK_BYTES // (8 * D * tokens_per_index)
+    step = n if not chunked else _chunk_bytes() // (8 * D * tokens_per_index)
     return views[0], views[1], max(1, step)
+
+
+def _chunk_bytes() -> int:
+    """Bytes of both inputs (as float32) per chunk: 1 MiB per thread of torch's pool, at most
+    16 MiB (read at every call: torch's thread count may change)."""
+    return min(_MAX_CHUNK_BYTES, _CHUNK_BYTES_PER_THREAD * max(1, torch.get_num_threads()))
 
 
 def _like_view(y, ref_view):

@@ -572,16 +572,30 @@ def test_torch_chunks_do_not_change_the_result(monkeypatch, dtype, layout, magni
     xc[1, 2, 17] = xp[1, 2, 17]                # parallel: angle refined
     xc[1, 1, 20] = -xp[1, 1, 20]               # antiparallel at t = 0.5: degenerate
     xp[0, 2, 22] = 0                           # a zero vector in a later chunk
-    monkeypatch.setattr(torch_merge, "_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(torch_merge, "_chunk_bytes", lambda: 1 << 40)
     whole = minitriton.merge(xp, xc, 0.5, 0.1, magnitude=magnitude)
     assert whole.retained.any()
     for tokens in (1, 5, 64):   # a multiple of nothing in the shape
-        monkeypatch.setattr(torch_merge, "_CHUNK_BYTES", 8 * 48 * tokens)
+        monkeypatch.setattr(torch_merge, "_chunk_bytes", lambda tokens=tokens: 8 * 48 * tokens)
         m = minitriton.merge(xp, xc, 0.5, 0.1, magnitude=magnitude)
         for name in ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min",
                      "d_max"):
             assert torch.equal(getattr(m, name), getattr(whole, name)), (tokens, name)
     check_merge_against_reference(m, xp, xc, 0.5, 0.1, magnitude, D_TOL, assert_close)
+
+
+def test_torch_chunks_scale_with_threads():
+    """1 MiB of both inputs (as float32) per thread of torch's pool, at most 16 MiB."""
+    from minitriton import torch_merge
+
+    x = torch.zeros(1, 2, 8192, 128)
+    threads = torch.get_num_threads()
+    try:
+        for n, tokens in ((1, 1024), (2, 2048), (64, 16384)):
+            torch.set_num_threads(n)
+            assert torch_merge._token_views(x, x, True)[2] == tokens
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
