@@ -198,6 +198,7 @@ def test_cat_checks_each_pair(pair):
     xp, xc = pair
     a = minitriton.merge(xp[:, :, :3], xc[:, :, :3], 0.6, 0.5)
     b = minitriton.merge(xp[:, :, 3:], xc[:, :, 3:], 0.6, 0.5)
+    assert b.num_retained > 0
     cases = [(dataclasses.replace(b, e=b.e[0]), "pairs\\[1\\].e: expected"),
              (dataclasses.replace(b, slot=None), "pairs\\[1\\].slot: expected a tensor"),
              (dataclasses.replace(b, slot=b.slot.long()), "pairs\\[1\\].slot: expected "
