@@ -267,11 +267,13 @@ class MiniCache:
                 f"nbytes={self.nbytes}, compression_ratio={self.compression_ratio:.3f})")
 
     # ---- writes ----
-    def _check_layer(self, layer) -> int:
+    def _check_layer(self, layer, name: str = "layer") -> int:
+        """A layer index in [0, num_layers), as int; errors name the argument `name`."""
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise TypeError(f"layer: expected an int, got {type(layer).__name__} {layer!r}")
+            raise TypeError(f"{name}: expected an int, got {type(layer).__name__} {layer!r}")
         if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+            raise ValueError(f"{name}: expected an int in [0, {self.num_layers}), got "
+                             f"{layer!r}")
         return int(layer)
 
     def _locate(self, layer: int):

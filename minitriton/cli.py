@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,39 +23,27 @@ from .calibrate import DEFAULT_TOP
 
 
 # ---- argument types: a bad value is an argparse error (usage + message), before any work ----
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+def _number(convert, accept, what: str):
+    """An argparse type: `convert(text)` if that works and `accept`s it, else an error saying
+    "expected <what>"."""
+    def parse(text: str):
         try:
-            v = int(text)
+            v = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accept(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
         return v
-    parse.__name__ = f"int >= {low}"
+    parse.__name__ = what
     return parse
 
 
-def _unit_float(text: str) -> float:
-    import math
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
-    return v
+def _int_at_least(low: int):
+    return _number(int, lambda v: v >= low, f"an int >= {low}")
 
 
-def _budget(text: str) -> float:
-    import math
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a percentage > 0, got {v}")
-    return v
+_unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")   # (NaN fails)
+_budget = _number(float, lambda v: math.isfinite(v) and v > 0, "a percentage > 0")
 
 
 def _shape(text: str) -> tuple:

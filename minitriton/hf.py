@@ -28,7 +28,6 @@ fall back to restore + sdpa.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Optional
 
@@ -172,13 +171,8 @@ class MiniCacheHF(Cache):
 
     # ---- the update that the model's attention layers call ----
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        L = self.core.num_layers
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
-            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__} "
-                            f"{layer_idx!r}")
-        if not 0 <= layer_idx < L:
-            raise ValueError(f"layer_idx: expected an int in [0, {L}), got {layer_idx!r}")
-        return super().update(key_states, value_states, int(layer_idx), *args, **kwargs)
+        layer_idx = self.core._check_layer(layer_idx, "layer_idx")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _fused(self, layer_idx: int, key_states: torch.Tensor) -> bool:
         if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
