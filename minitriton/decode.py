@@ -57,8 +57,10 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         o `[B, Hq, D]` in q's dtype; with return_lse, `(o, lse)` with lse float32 `[B, Hq]`, the
         natural log of the softmax denominator of the scaled scores (to combine this attention
         with attention over other segments). A row with no token at all (seq_len = tail_len = 0)
-        gives o = 0 and lse = -inf. A float16/bfloat16 o is clamped to the dtype's finite
-        range (NaN stays NaN), as `restore` is: values beyond it saturate, not become inf.
+        gives o = 0 and lse = -inf; a key with a NaN component (merge retains such tokens)
+        makes its row's o and lse NaN, as in attention over the dense layer. A float16/bfloat16
+        o is clamped to the dtype's finite range (NaN stays NaN), as `restore` is: values
+        beyond it saturate, not become inf.
 
     Lengths are checked against [0, S] / [0, T] when they live on the CPU. On CUDA that check
     would need a host synchronisation, so it is not made there; instead the kernels clamp each

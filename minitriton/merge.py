@@ -30,11 +30,13 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             float32 (the same), on one device, any strides (never copied to contiguous).
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
             squared norm would overflow is scaled first. Below |x| = 1.1e-19 precision drops,
-            and under ~1e-22 a vector counts as zero (its squares underflow). A token with a
-            NaN or inf component makes its (b, h) row's retention undefined (the backends may
-            differ there); other rows are unaffected.
+            and under ~1e-22 a vector counts as zero (its squares underflow). A token pair with
+            a NaN or inf component (in either layer) has no angle: it is always retained (its
+            originals come back bit for bit), its e and magnitudes are 0, and its row is
+            merged as if it were not there (d_min / d_max are over the other tokens).
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
-        gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant.
+        gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant
+            (pairs without an angle, above, are retained whatever gamma is).
         magnitude: "norm" (default) or "projection".
         d_range: optional `(d_min, d_max)`, float32 `[B, H]`: angular-distance extremes of
             tokens of the same rows merged earlier (e.g. `(old.d_min, old.d_max)`). The threshold

@@ -83,22 +83,32 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     d_range: optional (d_min, d_max) `[B, H]` of earlier tokens of the same rows.
     """
     x_p, x_c = _as64(x_prev), _as64(x_cur)
-    n_p, u_p = _unit(x_p)                              # magnitudes and directions (Eq. 1)
-    n_c, u_c = _unit(x_c)
-    e, omega = slerp_direction(u_p, u_c, t)            # shared direction (Eq. 2)
-    d = omega / np.pi                                  # angular distance in [0, 1]
-    if magnitude == "norm":                            # the paper: keep |x|
-        mag_p, mag_c = n_p, n_c
-    elif magnitude == "projection":                    # least squares on the line of e
-        mag_p, mag_c = np.sum(x_p * e, axis=-1), np.sum(x_c * e, axis=-1)
-    else:
-        raise ValueError(f"magnitude: expected 'norm' or 'projection', got {magnitude!r}")
-    d_min, d_max = d.min(axis=-1), d.max(axis=-1)      # each (b, h) row's extremes
+    with np.errstate(invalid="ignore", over="ignore"):   # (non-finite tokens: set below)
+        n_p, u_p = _unit(x_p)                          # magnitudes and directions (Eq. 1)
+        n_c, u_c = _unit(x_c)
+        e, omega = slerp_direction(u_p, u_c, t)        # shared direction (Eq. 2)
+        if magnitude == "norm":                        # the paper: keep |x|
+            mag_p, mag_c = n_p, n_c
+        elif magnitude == "projection":                # least squares on the line of e
+            mag_p, mag_c = np.sum(x_p * e, axis=-1), np.sum(x_c * e, axis=-1)
+        else:
+            raise ValueError(f"magnitude: expected 'norm' or 'projection', got {magnitude!r}")
+    # A token pair with a NaN or inf component has no angle: it is kept as it is (d = NaN,
+    # always retained), its e and magnitudes are 0, and it does not count in its row's extremes.
+    finite = np.isfinite(x_p).all(axis=-1) & np.isfinite(x_c).all(axis=-1)
+    d = np.where(finite, omega / np.pi, np.nan)        # angular distance in [0, 1]
+    e = np.where(finite[..., None], e, 0.0)
+    mag_p, mag_c = np.where(finite, mag_p, 0.0), np.where(finite, mag_c, 0.0)
+    # Each (b, h) row's extremes over its finite tokens; with none, the extremes of nothing
+    # (2 and -1: every later extreme replaces them).
+    d_min = np.min(d, axis=-1, where=finite, initial=2.0)
+    d_max = np.max(d, axis=-1, where=finite, initial=-1.0)
     if d_range is not None:
         d_min = np.minimum(d_min, _as64(d_range[0]))
         d_max = np.maximum(d_max, _as64(d_range[1]))
     thr = retention_threshold(d_min, d_max, gamma)
-    retained = d > thr[..., None]                      # the most distinct pairs (Eq. 5)
+    # The most distinct pairs (Eq. 5), and the pairs without an angle (d = NaN).
+    retained = ~(d <= thr[..., None])
     return dict(e=e, mag_prev=mag_p, mag_cur=mag_c, d=d, d_min=d_min, d_max=d_max,
                 threshold=thr, retained=retained, x_prev=x_p, x_cur=x_c)
 

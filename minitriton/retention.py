@@ -2,6 +2,9 @@
 MergedPair that holds the rest merged.
 
     retained iff d > d_max - (d_max - d_min) * gamma      (per (b, h) row; SPEC.md)
+
+A token pair with a NaN or inf component has no angle: the backends give it d = NaN, which is
+always retained (its originals come back bit for bit), and leave it out of d_min / d_max.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
         d_min = torch.minimum(d_min, d_range[0].to(d_min))
         d_max = torch.maximum(d_max, d_range[1].to(d_max))
     thr = retention_threshold(d_min, d_max, gamma)
-    retained = d > thr.unsqueeze(-1)
+    retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
     slot = _slots_from_mask(retained)
     kept_prev, kept_cur = gather(x_prev, x_cur, retained)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,

@@ -99,8 +99,9 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
         den = den + pt.sum(-1)
         o = o + torch.matmul(pt, v_tail.to(f32))
 
-    # A row that saw no token at all: o = 0, lse = -inf (log 0).
-    o = torch.where(den.unsqueeze(-1) > 0, o / den.clamp_min(torch.finfo(f32).tiny).unsqueeze(-1),
+    # A row that saw no token at all: o = 0, lse = -inf (log 0). (A NaN score makes den NaN:
+    # o and lse are then NaN, as in attention over the dense layer.)
+    o = torch.where(den.unsqueeze(-1) != 0, o / den.clamp_min(torch.finfo(f32).tiny).unsqueeze(-1),
                     torch.zeros_like(o))
     lse = m + torch.log(den)
     return saturate(o.reshape(B, Hq, D), q.dtype).to(q.dtype), lse.reshape(B, Hq)

@@ -270,6 +270,31 @@ def test_with_merge_and_restore(backend, device):
                      what=f"decode vs restore, layer {layer}")
 
 
+def test_non_finite_key_stays_in_its_head(backend, device):
+    """A key with a NaN in layer cur (merge keeps that pair as it is): decode over layer cur
+    gives NaN for its KV head's queries, as attention over the dense layer does, and the other
+    heads' output equals that of the same cache without the NaN; decode over layer prev, whose
+    key is finite, stays finite and matches attention over the restored layer."""
+    G = 2
+    kp, kc = states(2, 2, 9, 16, torch.float32, device, seed=3)
+    vp, vc = states(2, 2, 9, 16, torch.float32, device, seed=4)
+    q = torch.randn(2, 2 * G, 16, generator=torch.Generator().manual_seed(5)).to(device)
+    kc_nan = kc.clone()
+    kc_nan[0, 1, 4, 2] = float("nan")
+    k, k_nan, v = (minitriton.merge(a, b, 0.6, 0.3) for a, b in ((kp, kc), (kp, kc_nan),
+                                                                  (vp, vc)))
+    o, o_nan = decode_attention(q, k, v, layer="cur"), decode_attention(q, k_nan, v, layer="cur")
+    head = torch.zeros(2, 2 * G, dtype=torch.bool, device=device)
+    head[0, G:] = True                                   # the query heads of KV head 1, b = 0
+    assert torch.isnan(o_nan[head]).all()
+    assert_close(o_nan[~head], o[~head], torch.float32, what="the other heads")
+    o_prev = decode_attention(q, k_nan, v, layer="prev")
+    o_ref, _ = decode_attention_ref(q, minitriton.restore(k_nan, "prev"),
+                                    minitriton.restore(v, "prev"))
+    assert_close(o_prev, o_ref, torch.float32, scale=np.abs(o_ref).max(-1, keepdims=True),
+                 what="layer prev")
+
+
 @example(B=2, H=2, G=3, S=40, T=5, D=80, dtype=torch.bfloat16, layer="prev", ragged=True,
          num_splits=3, seed=5)
 @example(B=1, H=1, G=7, S=13, T=1, D=256, dtype=torch.float16, layer="cur", ragged=False,

@@ -417,6 +417,38 @@ def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
                                       assert_close)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_non_finite_tokens_are_kept(backend, device, dtype):
+    """A token pair with a NaN or inf component, in either layer, has no angle: it is retained
+    (its originals restore bit for bit), its e and magnitudes are 0, and its row is merged as if
+    it were not there (the same retention and extremes as the row without it)."""
+    B, H, S, D = 2, 3, 13, 40
+    xp, xc = make_pair(B, H, S, D, dtype, device, seed=5, outliers=2)
+    nan, inf = float("nan"), float("inf")
+    xp[0, 0, 2, 7] = nan                                   # in one layer
+    xc[0, 1, 5, 0], xp[0, 1, 5, 3] = inf, -inf             # in both
+    xc[1, 0, :, 1] = nan                                   # every token of a row
+    xp[1, 2, 0, D - 1], xc[1, 2, S - 1, 0] = inf, nan      # a row's first and last tokens
+    xc[0, 0, 8], xp[0, 0, 8, 0] = 0.0, nan                 # next to a zero vector
+    xp[1, 1, 3], xc[1, 1, 3, 5] = 0.0, -inf
+    bad = ~(torch.isfinite(xp).all(-1) & torch.isfinite(xc).all(-1))
+    assert int(bad.sum()) == 6 + S
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude)
+        assert m.retained[bad].all()
+        assert (m.e[bad] == 0).all()
+        assert (m.mag_prev[bad] == 0).all() and (m.mag_cur[bad] == 0).all()
+        check_merge_against_reference(m, xp, xc, 0.6, 0.3, magnitude, D_TOL, assert_close)
+        assert m.d_min[1, 0] == 2.0 and m.d_max[1, 0] == -1.0   # the extremes of nothing
+        for b, h in ((0, 0), (0, 1), (1, 1), (1, 2)):
+            ok = ~bad[b, h]
+            alone = minitriton.merge(xp[b:b + 1, h:h + 1, ok], xc[b:b + 1, h:h + 1, ok], 0.6,
+                                     0.3, magnitude)
+            assert torch.equal(m.retained[b, h, ok], alone.retained[0, 0]), (b, h)
+            assert m.d_min[b, h] == alone.d_min[0, 0] and m.d_max[b, h] == alone.d_max[0, 0]
+
+
 def test_inputs_not_modified(backend, device):
     xp, xc = make_pair(2, 2, 11, 32, torch.bfloat16, device, layout="bshd", outliers=1)
     before = (xp.clone(), xc.clone())
@@ -640,6 +672,9 @@ def test_launch_grids_fit_cuda_limits(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 grids[self.name].append(grid(dict(BLOCK_S=8, **kwargs)))
+                if self.name == "merge":   # d, d_min, d_max: nothing retained
+                    for y in args[5:8]:
+                        y.fill_(0.0)
             return launch
 
     monkeypatch.setattr(kmerge, "_merge_autotuned", Recorder("merge"))

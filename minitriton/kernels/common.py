@@ -14,14 +14,14 @@ PI = 3.141592653589793
 
 @triton.jit
 def atan2_nonneg(y, x):
-    """atan2(y, x) for y, x >= 0, in [0, pi/2]; 0 when both are 0.
+    """atan2(y, x) for y, x >= 0, in [0, pi/2]; 0 when both are 0, NaN when either is NaN.
 
     Triton's core language has no inverse trigonometry and libdevice does not run in the
     interpreter, so this is the Cephes single-precision atan (a few ulp) on the reduced argument
     min / max in [0, 1]."""
     mx = tl.maximum(x, y)
     mn = tl.minimum(x, y)
-    a = tl.where(mx > 0, mn / tl.where(mx > 0, mx, 1.0), 0.0)
+    a = tl.where(mx == 0, 0.0, mn / tl.where(mx == 0, 1.0, mx))      # (NaN stays NaN)
     big = a > 0.41421356237309503                     # tan(pi / 8)
     z = tl.where(big, (a - 1.0) / (a + 1.0), a)
     z2 = z * z

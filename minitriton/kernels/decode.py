@@ -212,8 +212,9 @@ def _decode_reduce_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * a_c, axis=0)
         m_run = m_new
 
-    # A row that saw no token at all (seq_len = tail_len = 0) gives o = 0 and lse = -inf.
-    has = l_run > 0.0
+    # A row that saw no token at all (seq_len = tail_len = 0) gives o = 0 and lse = -inf. (A
+    # NaN score makes l_run NaN: o and lse are then NaN, as in attention over the dense layer.)
+    has = (l_run == 0.0) == 0
     o = tl.where(has, acc / tl.where(has, l_run, 1.0), 0.0)
     lse = tl.where(has, (m_run + tl.math.log2(tl.where(has, l_run, 1.0))) * 0.6931471805599453,
                    float("-inf"))

@@ -6,6 +6,10 @@ once and writes e, both magnitudes, the angular distance d, and the row's runnin
 schedule). A light torch pass over d (4 bytes a token) marks the retained tokens and numbers
 them; `_gather_kernel` then reads only the retained tokens again and writes the compact store.
 
+A token pair with a NaN or inf component has no angle: pass 1 gives it d = NaN (its norm is
+NaN, and NaN propagates through the angle) and leaves it out of the extremes; the mark retains
+it, and the gather clears its e and magnitudes, so that no NaN is left outside the store.
+
 Omega is computed as 2 atan2(|u_p - u_c|, |u_p + u_c|) rather than arccos(u_p . u_c): the same
 angle, but well conditioned near 0 and pi, where arccos loses half the digits.
 """
@@ -79,7 +83,8 @@ def _merge_kernel(
     r_c = _row_scale(b_xc)
     n_p = tl.sqrt_rn(tl.sum((b_xp * r_p[:, None]) * (b_xp * r_p[:, None]), axis=1)) / r_p
     n_c = tl.sqrt_rn(tl.sum((b_xc * r_c[:, None]) * (b_xc * r_c[:, None]), axis=1)) / r_c
-    zero = (n_p == 0) | (n_c == 0)
+    # A zero vector: its norm is the smaller one. (Not where the other norm is NaN: see d.)
+    zero = tl.minimum(n_p, n_c, propagate_nan=tl.PropagateNan.ALL) == 0
     inv_p = tl.where(n_p > 0, 1.0 / tl.where(n_p > 0, n_p, 1.0), 0.0)
     inv_c = tl.where(n_c > 0, 1.0 / tl.where(n_c > 0, n_c, 1.0), 0.0)
     b_up = b_xp * inv_p[:, None]
@@ -127,8 +132,9 @@ def _merge_kernel(
     tl.store(magp_ptr + o_tok, mag_p, mask=m_s)
     tl.store(magc_ptr + o_tok, mag_c, mask=m_s)
     tl.store(d_ptr + o_tok, d, mask=m_s)
-    tl.atomic_min(dmin_ptr + i_bh, tl.min(tl.where(m_s, d, 2.0), axis=0))
-    tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_s, d, -1.0), axis=0))
+    m_f = m_s & (d == d)
+    tl.atomic_min(dmin_ptr + i_bh, tl.min(tl.where(m_f, d, 2.0), axis=0))
+    tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_f, d, -1.0), axis=0))
 
 
 _merge_autotuned = token_tile_autotune(_merge_kernel, _prune)
@@ -136,12 +142,13 @@ _merge_autotuned = token_tile_autotune(_merge_kernel, _prune)
 
 @triton.jit
 def _gather_kernel(
-    xp_ptr, xc_ptr, idx_ptr, kp_ptr, kc_ptr,
+    xp_ptr, xc_ptr, idx_ptr, kp_ptr, kc_ptr, e_ptr, magp_ptr, magc_ptr, d_ptr,
     N, H, S, D,
     sp_b, sp_h, sp_s, sp_d, sc_b, sc_h, sc_s, sc_d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Copy the retained tokens' originals: row r of the store is token idx[r] = (b*H + h)*S + s."""
+    """Copy the retained tokens' originals: row r of the store is token idx[r] = (b*H + h)*S + s.
+    Those without an angle (d = NaN) get e and magnitudes 0."""
     i_r = tl.program_id(0).to(tl.int64)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)                              # [BLOCK_R]
     o_d = tl.arange(0, BLOCK_D)
@@ -154,14 +161,24 @@ def _gather_kernel(
     # A plain copy in the input dtype: the store must be bit-exact.
     tl.store(kp_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xp, mask=m_rd), mask=m_rd)
     tl.store(kc_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xc, mask=m_rd), mask=m_rd)
+    d = tl.load(d_ptr + tok, mask=m_r, other=0.0)
+    m_nan = m_r & ((d == d) == 0)
+    tl.store(magp_ptr + tok, tl.zeros([BLOCK_R], tl.float32), mask=m_nan)
+    tl.store(magc_ptr + tok, tl.zeros([BLOCK_R], tl.float32), mask=m_nan)
+    tl.store(e_ptr + tok[:, None] * D + o_d[None, :],
+             tl.zeros([BLOCK_R, BLOCK_D], tl.float32).to(e_ptr.dtype.element_ty),
+             mask=m_nan[:, None] & (o_d[None, :] < D))
 
 
 GATHER_ROWS = 16
 
 
-def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: torch.Tensor):
-    """The retained tokens' originals `[N, D]` each, rows in (b, h, s) order. Reads N on the
-    host (the one synchronisation of merge)."""
+def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: torch.Tensor,
+                           e: torch.Tensor, mag_p: torch.Tensor, mag_c: torch.Tensor,
+                           d: torch.Tensor):
+    """The retained tokens' originals `[N, D]` each, rows in (b, h, s) order; e and magnitudes
+    of those whose d (pass 1's, `[B, H, S]`) is NaN are set to 0 in place. Reads N on the host
+    (the one synchronisation of merge)."""
     B, H, S, D = x_prev.shape
     idx = torch.nonzero(retained.reshape(-1)).reshape(-1)                    # int64 [N]
     N = idx.numel()
@@ -169,7 +186,7 @@ def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: 
     kept_cur = torch.empty_like(kept_prev)
     if N:
         _gather_kernel[(triton.cdiv(N, GATHER_ROWS),)](
-            x_prev, x_cur, idx, kept_prev, kept_cur, N, H, S, D,
+            x_prev, x_cur, idx, kept_prev, kept_cur, e, mag_p, mag_c, d, N, H, S, D,
             *x_prev.stride(), *x_cur.stride(),
             BLOCK_R=GATHER_ROWS, BLOCK_D=block_d(D), num_warps=4)
     return kept_prev, kept_cur
@@ -195,7 +212,8 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
                 H, S, D, *x_prev.stride(), *x_cur.stride(), t,
                 PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                        d_range, gather=gather_retained_triton)
+                        d_range, gather=lambda xp, xc, retained: gather_retained_triton(
+                            xp, xc, retained, e, mag_p, mag_c, d))
 
 
 def aot_specs() -> list:
@@ -223,7 +241,9 @@ def aot_specs() -> list:
     for dt in ("fp16", "bf16", "fp32"):
         for bd in (16, 128, 256):
             sig = {"xp_ptr": f"*{dt}", "xc_ptr": f"*{dt}", "idx_ptr": "*i64", "kp_ptr": f"*{dt}",
-                   "kc_ptr": f"*{dt}", "N": "i32", "H": "i32", "S": "i32", "D": "i32",
+                   "kc_ptr": f"*{dt}", "e_ptr": f"*{dt}", "magp_ptr": "*fp32",
+                   "magc_ptr": "*fp32", "d_ptr": "*fp32", "N": "i32", "H": "i32", "S": "i32",
+                   "D": "i32",
                    **strides, "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
             specs.append((f"gather[{dt},BD={bd}]", _gather_kernel, sig,
                           {"BLOCK_R": GATHER_ROWS, "BLOCK_D": bd}, 4, 3))
