@@ -58,7 +58,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         natural log of the softmax denominator of the scaled scores (to combine this attention
         with attention over other segments). A row with no token at all (seq_len = tail_len = 0)
         gives o = 0 and lse = -inf; a key with a NaN component (merge retains such tokens)
-        makes its row's o and lse NaN, as in attention over the dense layer. A float16/bfloat16
+        makes its row's o and lse NaN, as in attention over the dense layer. Tokens past the
+        lengths never reach the output, whatever they hold. A float16/bfloat16
         o is clamped to the dtype's finite range (NaN stays NaN), as `restore` is: values
         beyond it saturate, not become inf.
 

@@ -41,6 +41,7 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         d_range: optional `(d_min, d_max)`, float32 `[B, H]`: angular-distance extremes of
             tokens of the same rows merged earlier (e.g. `(old.d_min, old.d_max)`). The threshold
             then uses the extremes over earlier and new tokens; the result's d_min/d_max too.
+            NaN is refused (on CUDA, where checking would synchronise, it is ignored).
 
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
@@ -128,5 +129,10 @@ def _check_d_range(d_range, x: torch.Tensor):
             raise ValueError(f"{name}: expected shape {(B, H)}, got {tuple(v.shape)}")
         if v.device != x.device:
             raise ValueError(f"{name}: device {v.device} does not match x_prev's {x.device}")
+        # Extremes are NaN-free (rows without a finite token hold 2 and -1). On CUDA the check
+        # would synchronise: there a NaN counts as no earlier extreme.
+        if v.device.type == "cpu" and v.numel() and bool(torch.isnan(v).any()):
+            raise ValueError(f"{name}: expected angular-distance extremes, got NaN at "
+                             f"{tuple(torch.nonzero(torch.isnan(v))[0].tolist())}")
         out.append(v)
     return tuple(out)

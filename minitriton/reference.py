@@ -104,8 +104,8 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     d_min = np.min(d, axis=-1, where=finite, initial=2.0)
     d_max = np.max(d, axis=-1, where=finite, initial=-1.0)
     if d_range is not None:
-        d_min = np.minimum(d_min, _as64(d_range[0]))
-        d_max = np.maximum(d_max, _as64(d_range[1]))
+        d_min = np.fmin(d_min, _as64(d_range[0]))     # (a NaN: no earlier extreme)
+        d_max = np.fmax(d_max, _as64(d_range[1]))
     thr = retention_threshold(d_min, d_max, gamma)
     # The most distinct pairs (Eq. 5), and the pairs without an angle (d = NaN).
     retained = ~(d <= thr[..., None])

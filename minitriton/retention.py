@@ -33,9 +33,9 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
     backend's: it reads only the retained tokens).
 
     The store is compact, so its size N is read on the host (one synchronisation)."""
-    if d_range is not None:
-        d_min = torch.minimum(d_min, d_range[0].to(d_min))
-        d_max = torch.maximum(d_max, d_range[1].to(d_max))
+    if d_range is not None:   # (fmin / fmax: a NaN counts as no earlier extreme)
+        d_min = torch.fmin(d_min, d_range[0].to(d_min))
+        d_max = torch.fmax(d_max, d_range[1].to(d_max))
     thr = retention_threshold(d_min, d_max, gamma)
     retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
     slot = _slots_from_mask(retained)

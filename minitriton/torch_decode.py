@@ -76,7 +76,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     else:
         m = s.amax(-1) if S else torch.full((B, H, G), float("-inf"), device=dev)
     # A row with no token keeps m = -inf: shift by 0 so that exp gives 0 rather than NaN.
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
     p = s.sub_(m.unsqueeze(-1)).exp_()                                       # [B, H, G, S]
     den = p.sum(-1)
@@ -92,12 +92,22 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     for sl, e32 in upcast_chunks(v.e):
         part = torch.matmul(pm[..., sl], e32)
         o = part if o is None else o.add_(part)
+    # Rows past a length have weight 0 but may hold anything (a retained NaN, padding): they
+    # are zeroed, since 0 * NaN would be NaN.
     if kept_v.shape[0]:
-        o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kept_v.to(f32).unsqueeze(1))
+        kv = kept_v.to(f32)
+        if seq_lens is not None:
+            live = pos_v < seq_lens.to(torch.long)[bh_v // H]
+            kv = torch.where(live.unsqueeze(-1), kv, torch.zeros((), dtype=f32, device=dev))
+        o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kv.unsqueeze(1))
     if has_tail:
         pt = st.sub_(m.unsqueeze(-1)).exp_()
         den = den + pt.sum(-1)
-        o = o + torch.matmul(pt, v_tail.to(f32))
+        vt = v_tail.to(f32)
+        if tail_lens is not None:
+            live = torch.arange(T, device=dev) < tail_lens.view(B, 1, 1)     # [B, 1, T]
+            vt = torch.where(live.unsqueeze(-1), vt, torch.zeros((), dtype=f32, device=dev))
+        o = o + torch.matmul(pt, vt)
 
     # A row that saw no token at all: o = 0, lse = -inf (log 0). (A NaN score makes den NaN:
     # o and lse are then NaN, as in attention over the dense layer.)

@@ -270,29 +270,63 @@ def test_with_merge_and_restore(backend, device):
                      what=f"decode vs restore, layer {layer}")
 
 
-def test_non_finite_key_stays_in_its_head(backend, device):
-    """A key with a NaN in layer cur (merge keeps that pair as it is): decode over layer cur
-    gives NaN for its KV head's queries, as attention over the dense layer does, and the other
-    heads' output equals that of the same cache without the NaN; decode over layer prev, whose
-    key is finite, stays finite and matches attention over the restored layer."""
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # (numpy, over NaN and inf)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_key_stays_in_its_head(backend, device, bad):
+    """A key with a NaN (or an inf that makes its score +inf) in layer cur, a pair merge keeps
+    as it is: decode over layer cur gives o = lse = NaN for its KV head's queries, as attention
+    over the dense layer does, and the other heads' output equals that of the same cache
+    without it; decode over layer prev, whose key is finite, matches attention over the
+    restored layer."""
     G = 2
     kp, kc = states(2, 2, 9, 16, torch.float32, device, seed=3)
     vp, vc = states(2, 2, 9, 16, torch.float32, device, seed=4)
     q = torch.randn(2, 2 * G, 16, generator=torch.Generator().manual_seed(5)).to(device)
-    kc_nan = kc.clone()
-    kc_nan[0, 1, 4, 2] = float("nan")
-    k, k_nan, v = (minitriton.merge(a, b, 0.6, 0.3) for a, b in ((kp, kc), (kp, kc_nan),
+    q[..., 2] = q[..., 2].abs()                          # an inf key component scores +inf
+    kc_bad = kc.clone()
+    kc_bad[0, 1, 4, 2] = bad
+    k, k_bad, v = (minitriton.merge(a, b, 0.6, 0.3) for a, b in ((kp, kc), (kp, kc_bad),
                                                                   (vp, vc)))
-    o, o_nan = decode_attention(q, k, v, layer="cur"), decode_attention(q, k_nan, v, layer="cur")
+    o = decode_attention(q, k, v, layer="cur")
+    o_bad, lse_bad = decode_attention(q, k_bad, v, layer="cur", return_lse=True)
     head = torch.zeros(2, 2 * G, dtype=torch.bool, device=device)
     head[0, G:] = True                                   # the query heads of KV head 1, b = 0
-    assert torch.isnan(o_nan[head]).all()
-    assert_close(o_nan[~head], o[~head], torch.float32, what="the other heads")
-    o_prev = decode_attention(q, k_nan, v, layer="prev")
-    o_ref, _ = decode_attention_ref(q, minitriton.restore(k_nan, "prev"),
+    assert torch.isnan(o_bad[head]).all() and torch.isnan(lse_bad[head]).all()
+    assert_close(o_bad[~head], o[~head], torch.float32, what="the other heads")
+    o_prev = decode_attention(q, k_bad, v, layer="prev")
+    o_ref, _ = decode_attention_ref(q, minitriton.restore(k_bad, "prev"),
                                     minitriton.restore(v, "prev"))
     assert_close(o_prev, o_ref, torch.float32, scale=np.abs(o_ref).max(-1, keepdims=True),
                  what="layer prev")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # (numpy, over NaN and inf)
+def test_non_finite_rows_past_the_lengths(backend, device):
+    """Tokens past seq_lens / tail_lens may hold anything, NaN and inf included (padding of a
+    preallocated buffer, which merge then retains as it is): they get weight 0 and never reach
+    the output, which matches attention over the valid tokens."""
+    B, H, G, S, T, D = 2, 2, 2, 9, 4, 16
+    kp, kc = states(B, H, S, D, torch.float32, device, seed=3)
+    vp, vc = states(B, H, S, D, torch.float32, device, seed=4)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H * G, D, generator=g).to(device)
+    kt, vt = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(2))
+    seq_lens, tail_lens = i32([6, 9], device), i32([2, 4], device)
+    kc[0, :, 7, 1] = float("nan")
+    vc[0, 1, 6:, 0] = float("inf")
+    vc[0, 0, 8, 2] = float("nan")
+    kt[0, :, 3] = float("nan")
+    vt[0, :, 2:, 5] = -float("inf")
+    k, v = minitriton.merge(kp, kc, 0.6, 0.3), minitriton.merge(vp, vc, 0.6, 0.3)
+    assert k.retained[0, :, 7].all() and v.retained[0, 1, 6:].all()
+    for layer in ("prev", "cur"):
+        o, lse = decode_attention(q, k, v, layer=layer, k_tail=kt, v_tail=vt, seq_lens=seq_lens,
+                                  tail_lens=tail_lens, return_lse=True)
+        assert torch.isfinite(o).all() and torch.isfinite(lse).all(), layer
+        o_ref, lse_ref = decode_attention_ref(q, minitriton.restore(k, layer),
+                                              minitriton.restore(v, layer), kt, vt, seq_lens,
+                                              tail_lens)
+        check_output(o, lse, o_ref, lse_ref, q, torch.float32)
 
 
 @example(B=2, H=2, G=3, S=40, T=5, D=80, dtype=torch.bfloat16, layer="prev", ragged=True,

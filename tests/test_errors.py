@@ -125,6 +125,20 @@ def test_d_range(backend, pair):
             d_range=(torch.zeros(2, 2), torch.zeros(1, 2)))
     _raises(TypeError, r"d_range\[1\]: dtype", minitriton.merge, xp, xc,
             d_range=(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)))
+    nan = torch.tensor([[0.1, math.nan]], device=xp.device)
+    if xp.device.type == "cpu":
+        _raises(ValueError, r"d_range\[1\]: expected angular-distance extremes, got NaN at "
+                r"\(0, 1\)", minitriton.merge, xp, xc, d_range=(torch.zeros(1, 2), nan))
+    # Where it is not refused (CUDA), a NaN counts as no earlier extreme.
+    from minitriton.kernels.merge import merge_triton
+    from minitriton.torch_merge import merge_torch
+
+    run = merge_triton if backend == "triton" else merge_torch
+    nans = torch.full((1, 2), math.nan, device=xp.device)
+    with_nan = run(xp, xc, 0.6, 0.3, "norm", d_range=(nans, nans))
+    alone = run(xp, xc, 0.6, 0.3, "norm")
+    for name in ("retained", "d_min", "d_max"):
+        assert torch.equal(getattr(with_nan, name), getattr(alone, name)), name
 
 
 def test_restore_layer_name(backend, pair):

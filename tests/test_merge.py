@@ -283,8 +283,8 @@ def test_huge_magnitudes(backend, device, dtype):
         if magnitude == "norm":
             got = torch.linalg.vector_norm(minitriton.restore(m, "prev").double(), dim=-1)
             assert ((got - n).abs() <= (2 * UNIT[dtype] + 1e-6) * n).all()
-    # Rows at the scaling cutoff (D = 256 components near 2^56 .. 2^60), and a huge vector next
-    # to a zero one at t = 1, where it keeps its own direction.
+    # Rows at the scaling cutoff (D = 256 components near 2^56 .. 2^60), a huge vector next to
+    # a zero one at t = 1, where it keeps its own direction, and one with a 3e38 component.
     D = 256
     xp = torch.randn(1, 1, 4, D, generator=torch.Generator().manual_seed(1))
     xc = xp.flip(-1).clone()
@@ -292,6 +292,8 @@ def test_huge_magnitudes(backend, device, dtype):
     xp[0, 0, 2, :8] = 2.0 ** 59
     xc[0, 0, 3] = 0
     xp[0, 0, 3] *= 1e30
+    xp, xc = torch.cat([xp, xp[:, :, :1] * 0.5], 2), torch.cat([xc, xc[:, :, :1]], 2)
+    xp[0, 0, 4, 1] = 3e38                # a component near float32's largest (scale < 2^-126)
     xp, xc = xp.to(dtype), xc.to(dtype)
     for t in (0.5, 1.0):
         for magnitude in ("norm", "projection"):
@@ -422,8 +424,9 @@ def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
 def test_non_finite_tokens_are_kept(backend, device, dtype):
     """A token pair with a NaN or inf component, in either layer, has no angle: it is retained
     (its originals restore bit for bit), its e and magnitudes are 0, and its row is merged as if
-    it were not there (the same retention and extremes as the row without it)."""
-    B, H, S, D = 2, 3, 13, 40
+    it were not there (the same retention and extremes as the row without it). (S fills whole
+    tiles, so that the all-bad row's extremes come from its tokens, not from padding.)"""
+    B, H, S, D = 2, 3, 32, 40
     xp, xc = make_pair(B, H, S, D, dtype, device, seed=5, outliers=2)
     nan, inf = float("nan"), float("inf")
     xp[0, 0, 2, 7] = nan                                   # in one layer

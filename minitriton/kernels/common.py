@@ -14,7 +14,7 @@ PI = 3.141592653589793
 
 @triton.jit
 def atan2_nonneg(y, x):
-    """atan2(y, x) for y, x >= 0, in [0, pi/2]; 0 when both are 0, NaN when either is NaN.
+    """atan2(y, x) for y, x >= 0, in [0, pi/2]; 0 when both are 0, NaN when both are NaN.
 
     Triton's core language has no inverse trigonometry and libdevice does not run in the
     interpreter, so this is the Cephes single-precision atan (a few ulp) on the reduced argument
