@@ -420,14 +420,16 @@ def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-def test_non_finite_tokens_are_kept(backend, device, dtype):
+def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
     """A token pair with a NaN or inf component, in either layer, has no angle: it is retained
     (its originals restore bit for bit), its e and magnitudes are 0, and its row is merged as if
     it were not there (the same retention and extremes as the row without it). (S fills whole
-    tiles, so that the all-bad row's extremes come from its tokens, not from padding.)"""
+    tiles, so that the all-bad row's extremes come from its tokens, not from padding.) gamma = 0
+    retains them only; a streaming merge keeps the rule."""
     B, H, S, D = 2, 3, 32, 40
-    xp, xc = make_pair(B, H, S, D, dtype, device, seed=5, outliers=2)
+    xp, xc = make_pair(B, H, S, D, dtype, device, seed=5, layout=layout, outliers=2)
     nan, inf = float("nan"), float("inf")
     xp[0, 0, 2, 7] = nan                                   # in one layer
     xc[0, 1, 5, 0], xp[0, 1, 5, 3] = inf, -inf             # in both
@@ -450,6 +452,13 @@ def test_non_finite_tokens_are_kept(backend, device, dtype):
                                      0.3, magnitude)
             assert torch.equal(m.retained[b, h, ok], alone.retained[0, 0]), (b, h)
             assert m.d_min[b, h] == alone.d_min[0, 0] and m.d_max[b, h] == alone.d_max[0, 0]
+    assert torch.equal(minitriton.merge(xp, xc, 0.6, 0.0).retained, bad)
+    first = minitriton.merge(xp[:, :, :S // 2], xc[:, :, :S // 2], 0.6, 0.3)
+    d_range = (first.d_min, first.d_max)
+    second = minitriton.merge(xp[:, :, S // 2:], xc[:, :, S // 2:], 0.6, 0.3, d_range=d_range)
+    assert second.retained[bad[:, :, S // 2:]].all()
+    check_merge_against_reference(second, xp[:, :, S // 2:], xc[:, :, S // 2:], 0.6, 0.3, "norm",
+                                  D_TOL, assert_close, d_range=d_range)
 
 
 def test_inputs_not_modified(backend, device):
