@@ -153,8 +153,7 @@ class MiniCacheHF(Cache):
             if getattr(text, "num_hidden_layers", None) is None:
                 raise TypeError(f"config: expected a model config with num_hidden_layers (or "
                                 f"pass num_layers), got {type(config).__name__}")
-            num_layers = check_index("config.num_hidden_layers", text.num_hidden_layers,
-                                     "an int", low=1)
+            num_layers = check_index("config.num_hidden_layers", text.num_hidden_layers, low=1)
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
         if config is not None and self.core.merges:
@@ -239,7 +238,7 @@ class MiniCacheHF(Cache):
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        repeats = check_index("repeats", repeats, "an int", low=1)
+        repeats = check_index("repeats", repeats, low=1)
         B = self.core.batch_size()
         if B:
             self.core.select_batch(torch.arange(B).repeat_interleave(repeats))

@@ -71,7 +71,7 @@ class PairSpec:
         """The spec, once its layers are known to lie in [0, num_layers) (the fields are
         checked at construction)."""
         if num_layers is not None:
-            num_layers = check_index("num_layers", num_layers, "an int")
+            num_layers = check_index("num_layers", num_layers)
             if self.cur >= num_layers:
                 raise ValueError(f"pair ({self.prev}, {self.cur}): layer {self.cur} is out "
                                  f"of range for num_layers={num_layers}")
@@ -138,7 +138,7 @@ class MergePlan:
     @classmethod
     def paper(cls, num_layers: int, *, start: Optional[int] = None, **settings) -> "MergePlan":
         """The paper's plan: (s, s+1), (s+2, s+3), ... from s = num_layers // 2 while s + 1 < L."""
-        num_layers = check_index("num_layers", num_layers, "an int", low=1)
+        num_layers = check_index("num_layers", num_layers, low=1)
         s = num_layers // 2 if start is None else check_index("start", start, "a layer index")
         return cls([(a, a + 1) for a in range(s, num_layers - 1, 2)], num_layers=num_layers,
                    **settings)

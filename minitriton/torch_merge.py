@@ -234,16 +234,16 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     # Tokens with a NaN or inf component (their norms are NaN after the overflow rescue, which
     # every non-finite norm goes through) have no angle: d = NaN retains them, their e and
     # magnitudes are 0, and they stay out of the row's extremes.
-    nan = None if big is None else torch.nonzero(n_p.isnan() | n_c.isnan(), as_tuple=True)
+    no_angle = None if big is None else torch.nonzero(n_p.isnan() | n_c.isnan(), as_tuple=True)
     if magnitude == "norm":
         mag_p, mag_c = n_p, n_c
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
         if far is not None:
             mag_p[far[0]], mag_c[far[0]] = far[2], far[3]
-    if nan is not None and nan[0].numel():
-        e[nan] = 0
-        mag_p[nan], mag_c[nan], d[nan] = 0.0, 0.0, math.nan
+    if no_angle is not None and no_angle[0].numel():
+        e[no_angle] = 0
+        mag_p[no_angle], mag_c[no_angle], d[no_angle] = 0.0, 0.0, math.nan
         d_min, d_max = d.nan_to_num(2.0).amin(dim=-1), d.nan_to_num(-1.0).amax(dim=-1)
     elif S:
         d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
