@@ -9,12 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 import minitriton
 from conftest import D_TOL, DTYPES, TOL, UNIT, assert_close
 from helpers import check_merge_against_reference, make_pair, token_norms
+from minitriton.kernels.merge import _row_scale
 from minitriton.reference import merge_ref
 
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -293,13 +296,45 @@ def test_huge_magnitudes(backend, device, dtype):
     xc[0, 0, 3] = 0
     xp[0, 0, 3] *= 1e30
     xp, xc = torch.cat([xp, xp[:, :, :1] * 0.5], 2), torch.cat([xc, xc[:, :, :1]], 2)
-    xp[0, 0, 4, 1] = 3e38                # a component near float32's largest (scale < 2^-126)
+    xp[0, 0, 4, 1] = 3e38                # a component near float32's largest (1 / 3e38 is subnormal)
     xp, xc = xp.to(dtype), xc.to(dtype)
     for t in (0.5, 1.0):
         for magnitude in ("norm", "projection"):
             m = minitriton.merge(xp, xc, t, 0.0, magnitude)
             check_merge_against_reference(m, xp, xc, t, 0.0, magnitude, D_TOL, assert_close)
             assert all(torch.isfinite(x).all() for x in (*m.tensors(), *minitriton.restore(m)))
+
+
+@triton.jit
+def _scale_rows(x_ptr, r_ptr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The merge kernel's `_row_scale` of a [BLOCK_S, BLOCK_D] tile: r per row."""
+    o_s = tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    tl.store(r_ptr + o_s, _row_scale(tl.load(x_ptr + o_s[:, None] * BLOCK_D + o_d[None, :])))
+
+
+def test_row_scale_stays_normal(device):
+    """The merge kernel's scaling of rows with huge components: a factor that is a normal float
+    up to float32's largest value (a GPU's division may flush a subnormal one to 0, as
+    1 / max would be above 2^126), bringing the largest component to 2^55; 1 for rows within
+    range; 0 for a row with an inf, so that its norm is NaN."""
+    fmax = torch.finfo(torch.float32).max
+    tops = [0.0, 1.0, 2.0 ** 56, 2.0 ** 56 * (1 + 2 ** -23), 2.0 ** 57, 3e20, 2.0 ** 126,
+            2.0 ** 127, 3e38, fmax, math.inf, -fmax, 1e-30, 7e37, 2.0 ** 100 * 1.5, 123.0]
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    x[torch.arange(16), torch.arange(16)] = torch.tensor(tops)
+    r = torch.full((16,), math.nan, device=device)
+    _scale_rows[(1,)](x.to(device), r, BLOCK_S=16, BLOCK_D=16)
+    tiny = torch.finfo(torch.float32).tiny
+    for v, f in zip(tops, r.cpu().double().tolist()):
+        v = abs(v)
+        if v <= 2.0 ** 56:
+            assert f == 1, (v, f)
+        elif math.isinf(v):
+            assert f == 0, (v, f)
+        else:
+            assert f >= tiny, (v, f)
+            assert v * f == pytest.approx(2.0 ** 55, rel=1e-6), (v, f)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)

@@ -35,13 +35,18 @@ _LERP_EPS = tl.constexpr(LERP_EPS)
 # Rows with a component above this are scaled before squaring: 256 components of 2^56 square
 # and sum to 2^120, far from float32's 2^128.
 _BIG = tl.constexpr(2.0 ** 56)
+_UNSCALED = tl.constexpr(2.0 ** -55)   # 1 / their largest component after the scaling
 
 
 @triton.jit
 def _row_scale(b_x):
-    """1 / (largest |component|) for rows with one above 2^56, else 1: `[BLOCK_S]`."""
+    """r, `[BLOCK_S]`: 2^55 / (largest |component|) for rows with one above 2^56, else 1; 0
+    for a row with an inf, so that its sum of squares, and its norm, is NaN (a NaN component
+    does that by itself). r stays a normal float (>= 2^-73), where 1 / max would be subnormal
+    above 2^126, which a GPU's division may flush to 0. (Computed as 1 / (max 2^-55): the
+    product is exact, and ptxas allocates this form without spills on every triton checked.)"""
     big = tl.max(tl.abs(b_x), axis=1)
-    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big, 1.0), 1.0)
+    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0), 1.0)
 
 
 # At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven float32
@@ -77,8 +82,8 @@ def _merge_kernel(
 
     # Magnitudes and directions (a zero vector has direction 0). sqrt_rn: tl.sqrt is the GPU's
     # approximate square root, which flushes a subnormal sum of squares (|x| < 1.1e-19) to 0.
-    # A row with a component above 2^56 is scaled by its largest one before squaring (its sum
-    # of squares could overflow float32); every other row is multiplied by 1, exactly.
+    # A row with a component above 2^56 is scaled down before squaring (its sum of squares
+    # could overflow float32); every other row is multiplied by 1, exactly.
     r_p = _row_scale(b_xp)                                                   # [BLOCK_S]
     r_c = _row_scale(b_xc)
     n_p = tl.sqrt_rn(tl.sum((b_xp * r_p[:, None]) * (b_xp * r_p[:, None]), axis=1)) / r_p
