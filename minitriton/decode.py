@@ -65,7 +65,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
 
     Lengths are checked against [0, S] / [0, T] when they live on the CPU. On CUDA that check
     would need a host synchronisation, so it is not made there; instead the kernels clamp each
-    length into its range, so an out-of-range value never reads outside the cache.
+    length into its range, so an out-of-range value never reads outside the cache. The `slot`
+    values of a hand-built MergedPair are likewise checked only on the CPU (see `restore`).
 
     Not differentiable (an inference kernel): no output requires grad; the transformers
     integration attends through restore + sdpa when a step needs gradients.

