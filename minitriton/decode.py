@@ -14,7 +14,7 @@ import torch
 
 from ._checks import check_has_data, check_head_dim, check_real, check_same, check_tensor
 from .backend import select_backend
-from .pair import MergedPair, check_pair
+from .pair import MergedPair, check_pair, resolve_neg
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -85,6 +85,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     """
     q, k_tail, v_tail, seq_lens, tail_lens, scale, num_splits = _check_args(
         q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
+    # Views with torch's lazy negation bit hold -x in their storage, which the kernels read.
+    q, k, v = q.resolve_neg(), resolve_neg(k), resolve_neg(v)
+    k_tail, v_tail = (None if x is None else x.resolve_neg() for x in (k_tail, v_tail))
     with torch.no_grad():   # not differentiable, on both backends
         if select_backend(q.device) == "triton":
             from .kernels.decode import decode_attention_triton

@@ -7,7 +7,7 @@ import torch
 
 from ._checks import check_has_data, check_head_dim, check_same, check_tensor, check_unit_interval
 from .backend import select_backend
-from .pair import MAGNITUDE_MODES, MergedPair, check_pair
+from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
 
 
 def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: float = 0.05,
@@ -77,6 +77,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got {magnitude!r}")
     if d_range is not None:
         d_range = _check_d_range(d_range, x_prev)
+    # A view with torch's lazy negation bit (e.g. `z.conj().imag`) holds -x in its storage,
+    # which is what a kernel reads: such inputs are materialised (no copy for any other).
+    x_prev, x_cur = x_prev.resolve_neg(), x_cur.resolve_neg()
     with torch.no_grad():   # not differentiable: inputs that require grad are read as data
         if select_backend(x_prev.device) == "triton":
             from .kernels.merge import merge_triton
@@ -113,6 +116,7 @@ def restore(m: MergedPair, layer: str | None = None):
     check_has_data("m.e", m.e)
     if layer not in (None, "prev", "cur"):
         raise ValueError(f"layer: expected None, 'prev' or 'cur', got {layer!r}")
+    m = resolve_neg(m)
     with torch.no_grad():
         if select_backend(m.device) == "triton":
             from .kernels.restore import restore_triton

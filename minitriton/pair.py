@@ -132,6 +132,8 @@ class MergedPair:
             moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         except (AssertionError, RuntimeError) as err:   # e.g. torch built without CUDA
             raise ValueError(f"device: cannot move a MergedPair to {device} ({err})") from None
+        if all(moved[name].device == getattr(self, name).device for name in _TENSOR_FIELDS):
+            return self   # the same device under another name (e.g. "cpu:0")
         return replace(self, **moved)
 
     @staticmethod
@@ -247,6 +249,14 @@ def check_pair(name: str, m) -> MergedPair:
                              f"once, in (b, h, s) order; got {kept.numel()} retained tokens "
                              f"with slots {kept.tolist()[:8]}{' ...' if kept.numel() > 8 else ''}")
     return m
+
+
+def resolve_neg(m: MergedPair) -> MergedPair:
+    """m, or a copy whose tensors with torch's lazy negation bit (e.g. `z.conj().imag`) hold
+    their values: the kernels read raw storage, which for such a view is the negated value."""
+    if not any(getattr(m, name).is_neg() for name in _TENSOR_FIELDS):
+        return m
+    return replace(m, **{name: getattr(m, name).resolve_neg() for name in _TENSOR_FIELDS})
 
 
 def _layer_parts(m: MergedPair, layer: str) -> tuple[torch.Tensor, torch.Tensor]:

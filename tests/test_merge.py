@@ -504,6 +504,34 @@ def test_inputs_not_modified(backend, device):
     assert torch.equal(xp, before[0]) and torch.equal(xc, before[1])
 
 
+def test_views_with_the_negation_bit(backend, device):
+    """A view with torch's lazy negation bit (its storage holds -x) merges, restores and
+    attends as its values do: the kernels read storage, so such a view is materialised."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(1, 2, 9, 32, dtype=torch.complex64, generator=g).to(device)
+    xp = z.conj().imag                                   # is_neg(): storage holds -imag
+    xc = torch.randn(1, 2, 9, 32, generator=g).to(device)
+    assert xp.is_neg()
+    m = minitriton.merge(xp, xc, 0.6, 0.3)
+    want = minitriton.merge(xp.resolve_neg(), xc, 0.6, 0.3)
+    assert m.num_retained > 0 and torch.equal(m.retained, want.retained)
+    assert torch.equal(m.kept_prev, xp[m.retained].resolve_neg())
+    for a, b in zip(m.tensors(), want.tensors()):
+        assert torch.equal(a, b)
+    neg_e = torch.complex(torch.zeros_like(m.e), -m.e).conj().imag      # holds e, stores -e
+    m_neg = dataclasses.replace(m, e=neg_e)
+    assert neg_e.is_neg() and torch.equal(neg_e, m.e)
+    for a, b in zip(minitriton.restore(m_neg), minitriton.restore(m)):
+        assert torch.equal(a, b)
+    q = torch.randn(1, 4, 32, dtype=torch.complex64, generator=g).to(device).conj().imag
+    o = minitriton.decode_attention(q, m_neg, m, layer="cur", k_tail=xp[:, :, :3],
+                                    v_tail=xp[:, :, 3:6])
+    o_want = minitriton.decode_attention(q.resolve_neg(), m, m, layer="cur",
+                                         k_tail=xp[:, :, :3].resolve_neg(),
+                                         v_tail=xp[:, :, 3:6].resolve_neg())
+    assert_close(o, o_want, torch.float32, what="decode over negation-bit views")
+
+
 def test_s_one_and_empty_rows(backend, device):
     xp, xc = make_pair(2, 2, 1, 16, torch.float32, device)
     m = minitriton.merge(xp, xc, 0.6, 1.0)
@@ -549,6 +577,9 @@ def test_bytes(backend, device, dtype):
     assert math.isclose(m.compression_ratio, m.dense_nbytes / m.nbytes)
     assert m.compression_ratio > 1.7 if dtype != torch.float32 else m.compression_ratio > 1.8
     assert m.to("cpu").nbytes == m.nbytes and m.device.type == device.type
+    assert m.to(m.device) is m and m.to(str(m.device)) is m
+    if device.type == "cpu":
+        assert m.to("cpu:0") is m                       # the same device, another name
 
 
 def test_repr_is_one_line_of_facts(backend, device):
