@@ -3,8 +3,9 @@ MergedPair that holds the rest merged.
 
     retained iff d > d_max - (d_max - d_min) * gamma      (per (b, h) row; SPEC.md)
 
-A token pair with a NaN or inf component has no angle: the backends give it d = NaN, which is
-always retained (its originals come back bit for bit), and leave it out of d_min / d_max.
+A token pair with a NaN or inf component, or with a vector longer than float32's largest number
+(no float32 magnitude), has no angle: the backends give it d = NaN, which is always retained
+(its originals come back bit for bit), and leave it out of d_min / d_max.
 """
 
 from __future__ import annotations

@@ -59,15 +59,29 @@ def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
         cos[idx] = torch.cos(omega[idx])
 
 
-def _rescue_overflow(n_p, n_c, dot, x_prev, x_cur):
-    """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19): their norms again, in
-    place, from the vectors scaled by their largest component, and their cosine, as
-    (index, cos); None when there are none (always, for KV states). Only they are read again."""
-    # One sum first: it is finite when every term is (bar an overflow of the sum itself, which
-    # only costs the full test below).
-    if torch.isfinite(n_p.sum() + n_c.sum() + dot.sum()):
+# Below this norm (but above 0) the squares and products of a token's components may underflow
+# float32 (components under ~1e-19): its norm and cosine are recomputed from scaled vectors.
+_TINY = 2.0 ** -50
+
+
+def _rescue(n_p, n_c, dot, x_prev, x_cur):
+    """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19), or with a norm in
+    (0, _TINY), whose squares and products may have underflowed: their norms again, in place,
+    from the vectors scaled by their largest component, and their cosine, as (index, cos); None
+    when there are none (always, for KV states). Only they are read again."""
+    # One sum and one minimum first: the sum is finite when every term is (bar an overflow of
+    # the sum itself, which only costs the full test below).
+    total, low = torch.stack((n_p.sum() + n_c.sum() + dot.sum(),
+                              torch.minimum(n_p.amin(), n_c.amin()) if n_p.numel()
+                              else n_p.new_ones(()))).tolist()
+    tiny = not low >= _TINY                       # (NaN: look)
+    if math.isfinite(total) and not tiny:
         return None
-    big = torch.nonzero(~torch.isfinite(n_p + n_c + dot), as_tuple=True)
+    rescue = ~torch.isfinite(n_p + n_c + dot)
+    if tiny:
+        for n in (n_p, n_c):
+            rescue |= (n > 0) & (n < _TINY)
+    big = torch.nonzero(rescue, as_tuple=True)
     if not big[0].numel():
         return None
     units = []
@@ -76,7 +90,9 @@ def _rescue_overflow(n_p, n_c, dot, x_prev, x_cur):
         top = rows.abs().amax(-1, keepdim=True)
         rows = rows / torch.where(top > 0, top, 1.0)
         norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-        n[big] = (top * norm)[:, 0]
+        # (NaN for a vector longer than float32's largest number: it has no magnitude to
+        # store, and so, as one with a NaN or inf component, no angle)
+        n[big] = (top * norm)[:, 0].nan_to_num(nan=math.nan, posinf=math.nan)
         units.append(rows / torch.where(norm > 0, norm, 1.0))
     dot[big] = 0.0   # unused for these tokens: the cosine is given, projections use the vectors
     return big, (units[0] * units[1]).sum(-1).clamp_(-1.0, 1.0)
@@ -145,8 +161,8 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
 
 
 def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
-    """e of the nearly antiparallel tokens (and of the tokens `also`: those whose squared norms
-    overflowed), from their vectors, with their projections x . e: (index, float32 e rows,
+    """e of the nearly antiparallel tokens (and of the tokens `also`: those whose squares
+    overflowed or may have underflowed, see `_rescue`), from their vectors, with their projections x . e: (index, float32 e rows,
     x_prev . e, x_cur . e), or None.
 
     Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
@@ -215,7 +231,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_i)
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_i)
         torch.sum(prod, dim=-1, out=dot_i)
-    big = _rescue_overflow(n_p, n_c, dot, x_prev, x_cur)
+    big = _rescue(n_p, n_c, dot, x_prev, x_cur)
     a, b, d, far = _slerp_coefficients(n_p, n_c, dot, t, x_prev, x_cur, big)
     for xp_i, xc_i, e_i, a_i, b_i in zip(xp_c, xc_c, *map(pieces, (e, a.unsqueeze(-1),
                                                                  b.unsqueeze(-1)))):
@@ -231,9 +247,10 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
             e_i.copy_(xp32)
     if far is not None:
         e[far[0]] = far[1].to(e.dtype)
-    # Tokens with a NaN or inf component (their norms are NaN after the overflow rescue, which
-    # every non-finite norm goes through) have no angle: d = NaN retains them, their e and
-    # magnitudes are 0, and they stay out of the row's extremes.
+    # Tokens with a NaN or inf component, or longer than float32's largest number (their norms
+    # are NaN after `_rescue`, which every non-finite norm goes through), have no angle:
+    # d = NaN retains them, their e and magnitudes are 0, and they stay out of the row's
+    # extremes.
     no_angle = None if big is None else torch.nonzero(n_p.isnan() | n_c.isnan(), as_tuple=True)
     if magnitude == "norm":
         mag_p, mag_c = n_p, n_c

@@ -34,6 +34,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # rtol/atol relative to the scale of the compared vectors (their norms): the dtype's resolution
 # for values that are rounded once to the dtype, with room for a few float32 operations.
+# (Triton's interpreter truncates float32 -> bfloat16, even when asked to round to nearest,
+# where a GPU and torch round: its bfloat16 results can be one ulp further off.)
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=2e-5),
     torch.float16: dict(rtol=2e-3, atol=2e-3),

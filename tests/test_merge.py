@@ -219,21 +219,25 @@ def test_batch_invariant(backend, device, dtype):
 
 
 @example(dtype=torch.float32, seed=1, scale=1e37)
+@example(dtype=torch.float32, seed=3, scale=1e38)
 @example(dtype=torch.bfloat16, seed=2, scale=1e30)
 @given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 6e4, 1e19, 1e30, 1e37]))
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 6e4, 1e19, 1e30, 1e37, 1e38]))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # (numpy)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_finite_in_finite_out(backend, device, dtype, seed, scale):
     if dtype == torch.float16 and scale < 1e-6:
         scale = 1e-4                # below float16's subnormals the inputs are just zeros
     xp, xc = make_pair(1, 2, 9, 48, dtype, device, seed=seed, corr=0.5)
-    # float16: components up to its largest number, so |x| can pass it (restore saturates);
-    # float32 / bfloat16: |x| within float32's range (merge's documented domain).
-    bound = torch.finfo(dtype).max / (1 if dtype == torch.float16 else 8)
+    # Components up to the dtype's largest number: |x| can pass float16's (restore saturates)
+    # and float32's (such a pair is retained).
+    bound = torch.finfo(dtype).max
     xp = (xp.float() * scale).clamp(-bound, bound).to(dtype)
     xc = (xc.float() * scale).clamp(-bound, bound).to(dtype)
-    m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude="projection")
-    for x in (m.e, m.mag_prev, m.mag_cur, *minitriton.restore(m)):
-        assert torch.isfinite(x).all()
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude=magnitude)
+        for x in (m.e, m.mag_prev, m.mag_cur, *minitriton.restore(m)):
+            assert torch.isfinite(x).all(), magnitude
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
@@ -335,6 +339,26 @@ def test_row_scale_stays_normal(device):
         else:
             assert f >= tiny, (v, f)
             assert v * f == pytest.approx(2.0 ** 55, rel=1e-6), (v, f)
+
+
+@pytest.mark.parametrize("scale", [1e-18, 1e-20, 1e-22])
+def test_tiny_vectors(backend, device, scale):
+    """Vectors whose squares underflow float32 (|x| below ~1e-19) still merge onto a unit e on
+    both backends; the torch path recomputes them from scaled vectors, so it also matches the
+    reference there (the kernel's magnitudes lose precision: README, Domain)."""
+    xp, xc = make_pair(1, 2, 9, 32, torch.float32, device, seed=12, outliers=1)
+    xp[0, 1] = xp[0, 1] * 1e-3                 # partners of different sizes
+    xp, xc = xp * scale, xc * scale
+    xp[0, 0, 3] = 0.0                          # next to a zero vector
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.6, 0.2, magnitude)
+        n_e = torch.linalg.vector_norm(m.e.double(), dim=-1)
+        n_e[0, 0, 3] = 1.0                     # (e there is u_cur)
+        assert ((n_e - 1).abs() < 1e-5).all(), (magnitude, n_e.min(), n_e.max())
+        assert all(torch.isfinite(x).all() for x in m.tensors())
+        if backend == "torch" or scale >= 1e-18:
+            check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, D_TOL,
+                                          assert_close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -455,6 +479,7 @@ def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
@@ -462,7 +487,9 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
     (its originals restore bit for bit), its e and magnitudes are 0, and its row is merged as if
     it were not there (the same retention and extremes as the row without it). (S fills whole
     tiles, so that the all-bad row's extremes come from its tokens, not from padding.) gamma = 0
-    retains them only; a streaming merge keeps the rule."""
+    retains them only; a streaming merge keeps the rule. The same holds for a finite vector
+    longer than float32's largest number (float32 and bfloat16), whose magnitude float32 cannot
+    hold."""
     B, H, S, D = 2, 3, 32, 40
     xp, xc = make_pair(B, H, S, D, dtype, device, seed=5, layout=layout, outliers=2)
     nan, inf = float("nan"), float("inf")
@@ -472,8 +499,17 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
     xp[1, 2, 0, D - 1], xc[1, 2, S - 1, 0] = inf, nan      # a row's first and last tokens
     xc[0, 0, 8], xp[0, 0, 8, 0] = 0.0, nan                 # next to a zero vector
     xp[1, 1, 3], xc[1, 1, 3, 5] = 0.0, -inf
-    bad = ~(torch.isfinite(xp).all(-1) & torch.isfinite(xc).all(-1))
-    assert int(bad.sum()) == 6 + S
+    long = dtype != torch.float16           # (float16 vectors are far shorter)
+    if long:                                 # finite, with norms of 4.2e38 and 4.4e38
+        xp[0, 2, 4, :2] = 3e38
+        xc[1, 1, 10, :3], xp[1, 1, 10, :2] = 2.5e38, 2.2e38
+        xp[0, 2, 6, :2] = 2.2e38             # (3.1e38: merged as any other)
+    fmax = torch.finfo(torch.float32).max
+    bad = ~(torch.isfinite(xp).all(-1) & torch.isfinite(xc).all(-1)
+            & (torch.from_numpy(token_norms(xp)[..., 0]) <= fmax).to(device)
+            & (torch.from_numpy(token_norms(xc)[..., 0]) <= fmax).to(device))
+    assert int(bad.sum()) == 6 + S + 2 * long
+    assert torch.isfinite(xp).all(-1)[0, 2].all() and torch.isfinite(xc).all(-1)[1, 1, 10]
     for magnitude in ("norm", "projection"):
         m = minitriton.merge(xp, xc, 0.6, 0.3, magnitude)
         assert m.retained[bad].all()
@@ -481,7 +517,7 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
         assert (m.mag_prev[bad] == 0).all() and (m.mag_cur[bad] == 0).all()
         check_merge_against_reference(m, xp, xc, 0.6, 0.3, magnitude, D_TOL, assert_close)
         assert m.d_min[1, 0] == 2.0 and m.d_max[1, 0] == -1.0   # the extremes of nothing
-        for b, h in ((0, 0), (0, 1), (1, 1), (1, 2)):
+        for b, h in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2)):
             ok = ~bad[b, h]
             alone = minitriton.merge(xp[b:b + 1, h:h + 1, ok], xc[b:b + 1, h:h + 1, ok], 0.6,
                                      0.3, magnitude)

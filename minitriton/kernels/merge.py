@@ -6,9 +6,10 @@ once and writes e, both magnitudes, the angular distance d, and the row's runnin
 schedule). A light torch pass over d (4 bytes a token) marks the retained tokens and numbers
 them; `_gather_kernel` then reads only the retained tokens again and writes the compact store.
 
-A token pair with a NaN or inf component has no angle: pass 1 gives it d = NaN (its norm is
-NaN, and NaN propagates through the angle) and leaves it out of the extremes; the mark retains
-it, and the gather clears its e and magnitudes, so that no NaN is left outside the store.
+A token pair with a NaN or inf component, or with a vector longer than float32's largest number,
+has no angle: pass 1 gives it d = NaN (its norm is NaN, and NaN propagates through the
+direction and the angle) and leaves it out of the extremes; the mark retains it, and the gather
+clears its e and magnitudes, so that no NaN is left outside the store.
 
 Omega is computed as 2 atan2(|u_p - u_c|, |u_p + u_c|) rather than arccos(u_p . u_c): the same
 angle, but well conditioned near 0 and pi, where arccos loses half the digits.
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from ..reference import LERP_EPS, SIN_EPS
+from ..reference import FLOAT32_MAX, LERP_EPS, SIN_EPS
 from ..retention import finish_merge
 from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner, token_tile_autotune,
                      token_tile_configs)
@@ -30,6 +31,7 @@ from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner, token
 _PI = tl.constexpr(PI)
 _SIN_EPS = tl.constexpr(SIN_EPS)
 _LERP_EPS = tl.constexpr(LERP_EPS)
+_FLOAT32_MAX = tl.constexpr(FLOAT32_MAX)
 
 
 # Rows with a component above this are scaled before squaring: 256 components of 2^56 square
@@ -88,10 +90,15 @@ def _merge_kernel(
     r_c = _row_scale(b_xc)
     n_p = tl.sqrt_rn(tl.sum((b_xp * r_p[:, None]) * (b_xp * r_p[:, None]), axis=1)) / r_p
     n_c = tl.sqrt_rn(tl.sum((b_xc * r_c[:, None]) * (b_xc * r_c[:, None]), axis=1)) / r_c
+    # A vector longer than float32's largest number (its norm overflowed to inf) has no
+    # magnitude to store: NaN, as for a NaN or inf component, so that the pair has no angle.
+    n_p = tl.where(n_p > _FLOAT32_MAX, n_p * 0.0, n_p)
+    n_c = tl.where(n_c > _FLOAT32_MAX, n_c * 0.0, n_c)
     # A zero vector: its norm is the smaller one. (Not where the other norm is NaN: see d.)
     zero = tl.minimum(n_p, n_c, propagate_nan=tl.PropagateNan.ALL) == 0
-    inv_p = tl.where(n_p > 0, 1.0 / tl.where(n_p > 0, n_p, 1.0), 0.0)
-    inv_c = tl.where(n_c > 0, 1.0 / tl.where(n_c > 0, n_c, 1.0), 0.0)
+    # (1 / NaN = NaN: NaN propagates to the directions, and from them to the angle and d.)
+    inv_p = tl.where(n_p == 0, 0.0, 1.0 / tl.where(n_p == 0, 1.0, n_p))
+    inv_c = tl.where(n_c == 0, 0.0, 1.0 / tl.where(n_c == 0, 1.0, n_c))
     b_up = b_xp * inv_p[:, None]
     b_uc = b_xc * inv_c[:, None]
 
