@@ -52,7 +52,12 @@ def check_head_dim(name: str, D: int) -> None:
 
 
 def check_real(name: str, v, what: str = "a float") -> float:
-    """A real number (Python, numpy, or a one-element tensor; not a bool), returned as float."""
+    """A real number (Python, numpy, or a one-element tensor or array; not a bool), returned as
+    float."""
+    if isinstance(v, np.ndarray):
+        if v.size != 1 or v.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: expected {what}, got a {v.dtype} array of shape {v.shape}")
+        v = v.item()
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
             raise TypeError(f"{name}: expected {what}, got a {v.dtype} tensor of shape "

@@ -29,8 +29,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         x_prev, x_cur: `[B, H, S, D]` states of layer l-1 and layer l; float16, bfloat16 or
             float32 (the same), on one device, any strides (never copied to contiguous).
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
-            squared norm would overflow is scaled first. Below |x| = 1.1e-19 precision drops,
-            and under ~1e-22 a vector counts as zero (its squares underflow). A token pair with
+            squared norm would overflow is scaled first. Below |x| = 1.1e-19 the kernel's
+            magnitudes lose precision, and under ~1e-22 a vector counts as zero (its squares
+            underflow). A token pair with
             a NaN or inf component, or with a vector longer than 3.4e38 (no float32 magnitude),
             in either layer, has no angle: it is always retained (its originals come back bit
             for bit), its e and magnitudes are 0, and its row is merged as if it were not

@@ -80,18 +80,22 @@ def test_t_gamma_range(backend, pair, name, value):
 
 @pytest.mark.parametrize("name", ["t", "gamma"])
 @pytest.mark.parametrize("value", ["0.5", None, True, [0.5], 0.5j, torch.tensor([0.5, 0.5]),
-                                   torch.tensor(True)])
+                                   torch.tensor(True), np.array([0.5, 0.5]), np.array(True),
+                                   np.array(0.5j), np.array("0.5")])
 def test_t_gamma_type(backend, pair, name, value):
     xp, xc = pair
     _raises(TypeError, f"{name}: expected", minitriton.merge, xp, xc, **{name: value})
 
 
 @pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(0),
-                                   torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)])
+                                   torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64),
+                                   np.array(0.25), np.array([0.25], dtype=np.float32)])
 def test_t_gamma_numbers(backend, pair, value):
-    """Any real number type is a number: numpy scalars and one-element tensors included."""
+    """Any real number type is a number: numpy scalars and one-element tensors or arrays
+    included."""
     m = minitriton.merge(*pair, t=value, gamma=value)
-    assert m.t == float(value) and m.gamma == float(value)
+    want = torch.as_tensor(value).item()
+    assert m.t == want and m.gamma == want
 
 
 def test_inputs_that_require_grad(backend, pair):
