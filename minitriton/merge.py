@@ -31,11 +31,10 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
             squared norm would overflow is scaled first. Below |x| = 1.1e-19 the kernel's
             magnitudes lose precision, and under ~1e-22 a vector counts as zero (its squares
-            underflow). A token pair with
-            a NaN or inf component, or with a vector longer than 3.4e38 (no float32 magnitude),
-            in either layer, has no angle: it is always retained (its originals come back bit
-            for bit), its e and magnitudes are 0, and its row is merged as if it were not
-            there (d_min / d_max are over the other tokens).
+            underflow). A token pair with a NaN or inf component, or with a vector longer than
+            3.4e38 (no float32 magnitude), in either layer, has no angle: it is always retained
+            (its originals come back bit for bit), its e and magnitudes are 0, and its row is
+            merged as if it were not there (d_min / d_max are over the other tokens).
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant
             (pairs without an angle, above, are retained whatever gamma is).

@@ -98,15 +98,15 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     # A token pair with a NaN or inf component, or with a vector longer than float32's largest
     # number (whose magnitude float32 cannot hold), has no angle: it is kept as it is (d = NaN,
     # always retained), its e and magnitudes are 0, and it does not count in its row's extremes.
-    finite = (np.isfinite(x_p).all(axis=-1) & np.isfinite(x_c).all(axis=-1)
-              & (n_p <= FLOAT32_MAX) & (n_c <= FLOAT32_MAX))
-    d = np.where(finite, omega / np.pi, np.nan)        # angular distance in [0, 1]
-    e = np.where(finite[..., None], e, 0.0)
-    mag_p, mag_c = np.where(finite, mag_p, 0.0), np.where(finite, mag_c, 0.0)
-    # Each (b, h) row's extremes over its finite tokens; with none, the extremes of nothing
-    # (2 and -1: every later extreme replaces them).
-    d_min = np.min(d, axis=-1, where=finite, initial=2.0)
-    d_max = np.max(d, axis=-1, where=finite, initial=-1.0)
+    has_angle = (np.isfinite(x_p).all(axis=-1) & np.isfinite(x_c).all(axis=-1)
+                 & (n_p <= FLOAT32_MAX) & (n_c <= FLOAT32_MAX))
+    d = np.where(has_angle, omega / np.pi, np.nan)     # angular distance in [0, 1]
+    e = np.where(has_angle[..., None], e, 0.0)
+    mag_p, mag_c = np.where(has_angle, mag_p, 0.0), np.where(has_angle, mag_c, 0.0)
+    # Each (b, h) row's extremes over its tokens with an angle; with none, the extremes of
+    # nothing (2 and -1: every later extreme replaces them).
+    d_min = np.min(d, axis=-1, where=has_angle, initial=2.0)
+    d_max = np.max(d, axis=-1, where=has_angle, initial=-1.0)
     if d_range is not None:
         d_min = np.fmin(d_min, _as64(d_range[0]))     # (a NaN: no earlier extreme)
         d_max = np.fmax(d_max, _as64(d_range[1]))

@@ -162,8 +162,8 @@ def _slerp_coefficients(n_p, n_c, dot, t: float, x_prev, x_cur, big=None):
 
 def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
     """e of the nearly antiparallel tokens (and of the tokens `also`: those whose squares
-    overflowed or may have underflowed, see `_rescue`), from their vectors, with their projections x . e: (index, float32 e rows,
-    x_prev . e, x_cur . e), or None.
+    overflowed or may have underflowed, see `_rescue`), from their vectors, with their
+    projections x . e: (index, float32 e rows, x_prev . e, x_cur . e), or None.
 
     Near Omega = pi, |e|^2 = w_p^2 + w_c^2 + 2 w_p w_c cos(Omega) cancels (the weights grow
     like 1 / sin(Omega) while |e| stays 1), and so does x . e = a |x|^2 + b (x_prev . x_cur).

@@ -300,7 +300,7 @@ def test_huge_magnitudes(backend, device, dtype):
     xc[0, 0, 3] = 0
     xp[0, 0, 3] *= 1e30
     xp, xc = torch.cat([xp, xp[:, :, :1] * 0.5], 2), torch.cat([xc, xc[:, :, :1]], 2)
-    xp[0, 0, 4, 1] = 3e38                # a component near float32's largest (1 / 3e38 is subnormal)
+    xp[0, 0, 4, 1] = 3e38                # near float32's largest (1 / 3e38 is subnormal)
     xp, xc = xp.to(dtype), xc.to(dtype)
     for t in (0.5, 1.0):
         for magnitude in ("norm", "projection"):
