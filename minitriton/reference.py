@@ -14,7 +14,8 @@ SIN_EPS = 1e-4
 # Below this norm the interpolation itself is "zero": take u_c (antiparallel at t = 0.5), or u_p
 # when x_cur is the zero vector (a zero partner at t = 0 or 1).
 LERP_EPS = 1e-6
-# Magnitudes are stored in float32: a vector longer than its largest number has no magnitude.
+# Magnitudes are stored in float32: a vector whose norm rounds beyond its largest number (to
+# inf) has no magnitude.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -88,6 +89,12 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     with np.errstate(invalid="ignore", over="ignore"):   # (non-finite tokens: set below)
         n_p, u_p = _unit(x_p)                          # magnitudes and directions (Eq. 1)
         n_c, u_c = _unit(x_c)
+        # A token pair with a NaN or inf component, or with a vector longer than float32's
+        # largest number (its norm rounds to inf in float32, which holds the magnitudes), has
+        # no angle: it is kept as it is (d = NaN, always retained), its e and magnitudes are 0,
+        # and it does not count in its row's extremes.
+        has_angle = (np.isfinite(x_p).all(axis=-1) & np.isfinite(x_c).all(axis=-1)
+                     & np.isfinite(n_p.astype(np.float32)) & np.isfinite(n_c.astype(np.float32)))
         e, omega = slerp_direction(u_p, u_c, t)        # shared direction (Eq. 2)
         if magnitude == "norm":                        # the paper: keep |x|
             mag_p, mag_c = n_p, n_c
@@ -95,11 +102,6 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
             mag_p, mag_c = np.sum(x_p * e, axis=-1), np.sum(x_c * e, axis=-1)
         else:
             raise ValueError(f"magnitude: expected 'norm' or 'projection', got {magnitude!r}")
-    # A token pair with a NaN or inf component, or with a vector longer than float32's largest
-    # number (whose magnitude float32 cannot hold), has no angle: it is kept as it is (d = NaN,
-    # always retained), its e and magnitudes are 0, and it does not count in its row's extremes.
-    has_angle = (np.isfinite(x_p).all(axis=-1) & np.isfinite(x_c).all(axis=-1)
-                 & (n_p <= FLOAT32_MAX) & (n_c <= FLOAT32_MAX))
     d = np.where(has_angle, omega / np.pi, np.nan)     # angular distance in [0, 1]
     e = np.where(has_angle[..., None], e, 0.0)
     mag_p, mag_c = np.where(has_angle, mag_p, 0.0), np.where(has_angle, mag_c, 0.0)

@@ -21,6 +21,7 @@ import torch
 
 from ._upcast import chunked, upcast_chunks
 from .pair import MergedPair, _layer_parts
+from .reference import FLOAT32_MAX as _FLOAT32_MAX
 from .reference import LERP_EPS, SIN_EPS
 from .retention import finish_merge
 
@@ -89,11 +90,13 @@ def _rescue(n_p, n_c, dot, x_prev, x_cur):
         rows = x[big].float()
         top = rows.abs().amax(-1, keepdim=True)
         rows = rows / torch.where(top > 0, top, 1.0)
-        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        # A vector whose squares all underflowed (norm 0) stays a zero vector, as in the
+        # kernel: its partner may be the one rescued.
+        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True) * torch.sign(n[big])[:, None]
         # (NaN for a vector longer than float32's largest number: it has no magnitude to
         # store, and so, as one with a NaN or inf component, no angle)
         n[big] = (top * norm)[:, 0].nan_to_num(nan=math.nan, posinf=math.nan)
-        units.append(rows / torch.where(norm > 0, norm, 1.0))
+        units.append(rows * torch.where(norm > 0, 1.0 / norm, 0.0))
     dot[big] = 0.0   # unused for these tokens: the cosine is given, projections use the vectors
     return big, (units[0] * units[1]).sum(-1).clamp_(-1.0, 1.0)
 
@@ -256,8 +259,9 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         mag_p, mag_c = n_p, n_c
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
-        if far is not None:
-            mag_p[far[0]], mag_c[far[0]] = far[2], far[3]
+        if far is not None:   # (|x . e| <= |x|, but the sum may round past float32's range)
+            mag_p[far[0]] = far[2].clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
+            mag_c[far[0]] = far[3].clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
     if no_angle is not None and no_angle[0].numel():
         e[no_angle] = 0
         mag_p[no_angle], mag_c[no_angle], d[no_angle] = 0.0, 0.0, math.nan

@@ -345,9 +345,11 @@ def test_row_scale_stays_normal(device):
 def test_tiny_vectors(backend, device, scale):
     """Vectors whose squares underflow float32 (|x| below ~1e-19) still merge onto a unit e on
     both backends; the torch path recomputes them from scaled vectors, so it also matches the
-    reference there (the kernel's magnitudes lose precision: README, Domain)."""
+    reference there while some square is nonzero (the kernel's magnitudes lose precision:
+    README, Domain)."""
     xp, xc = make_pair(1, 2, 9, 32, torch.float32, device, seed=12, outliers=1)
-    xp[0, 1] = xp[0, 1] * 1e-3                 # partners of different sizes
+    xp[0, 1] = xp[0, 1] * 1e-3                 # partners of different sizes (at 1e-20 and
+    #                                            1e-22, x_prev's squares all underflow there)
     xp, xc = xp * scale, xc * scale
     xp[0, 0, 3] = 0.0                          # next to a zero vector
     for magnitude in ("norm", "projection"):
@@ -356,9 +358,47 @@ def test_tiny_vectors(backend, device, scale):
         n_e[0, 0, 3] = 1.0                     # (e there is u_cur)
         assert ((n_e - 1).abs() < 1e-5).all(), (magnitude, n_e.min(), n_e.max())
         assert all(torch.isfinite(x).all() for x in m.tensors())
-        if backend == "torch" or scale >= 1e-18:
+        if scale >= 1e-18:
             check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, D_TOL,
                                           assert_close)
+        elif backend == "torch":               # (row 1: its x_prev counts as zero)
+            m = minitriton.merge(xp[:, :1], xc[:, :1], 0.6, 0.2, magnitude)
+            check_merge_against_reference(m, xp[:, :1], xc[:, :1], 0.6, 0.2, magnitude, D_TOL,
+                                          assert_close)
+    # A partner whose squares all underflow counts as zero on both backends: e is the tiny
+    # vector's own direction, d = 1/2 (cosine 0), and the partner's magnitude is 0.
+    xc[0, 0, 2] = xc[0, 0, 2] / scale * 1e-30
+    m = minitriton.merge(xp, xc, 0.6, 0.0)
+    u = xp[0, 0, 2].double() / torch.linalg.vector_norm(xp[0, 0, 2].double())
+    assert_close(m.e[0, 0, 2], u, torch.float32, what="e next to an underflowing partner")
+    assert m.mag_cur[0, 0, 2] == 0 and not minitriton.restore(m, "cur")[0, 0, 2].any()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # (numpy)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
+def test_lengths_near_float32_max(backend, device, dtype):
+    """Vectors a little shorter than float32's largest number merge as any other, and just
+    shorter ones (within the rounding of a float32 norm, where a backend may find them longer
+    and keep them) give finite magnitudes in both modes (x . e may round past the largest
+    number: it is clamped), and finite restores."""
+    fmax = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 2, 12, 16, generator=g, dtype=torch.float64)
+    u[..., 4:] = 0                              # a few large components
+    u /= torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    near = 1 - 1e-6 if dtype == torch.float32 else 1 - 1e-2      # (bfloat16 rounds by 2^-9)
+    for length, exact in ((fmax * near, True), (fmax * (1 - 3e-8), False)):
+        xp = (u * length).to(dtype)
+        xc = (xp.double() * (1 - 1e-3 * torch.rand(u.shape, generator=g, dtype=torch.float64)))
+        xp, xc = xp.to(device), xc.to(dtype).to(device)
+        for magnitude in ("norm", "projection"):
+            m = minitriton.merge(xp, xc, 0.5, 0.0, magnitude)
+            for x in (*m.tensors(), *minitriton.restore(m)):
+                assert torch.isfinite(x).all(), (magnitude, length)
+            if exact:
+                assert m.num_retained == 0
+                check_merge_against_reference(m, xp, xc, 0.5, 0.0, magnitude, D_TOL,
+                                              assert_close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)

@@ -24,8 +24,8 @@ import triton.language as tl
 from ..pair import MergedPair
 from ..reference import FLOAT32_MAX, LERP_EPS, SIN_EPS
 from ..retention import finish_merge
-from .common import (PI, atan2_nonneg, batch_chunks, block_d, tile_pruner, token_tile_autotune,
-                     token_tile_configs)
+from .common import (PI, atan2_nonneg, batch_chunks, block_d, saturate, tile_pruner,
+                     token_tile_autotune, token_tile_configs)
 
 # Globals a kernel reads must be constexpr.
 _PI = tl.constexpr(PI)
@@ -45,8 +45,9 @@ def _row_scale(b_x):
     """r, `[BLOCK_S]`: 2^55 / (largest |component|) for rows with one above 2^56, else 1; 0
     for a row with an inf, so that its sum of squares, and its norm, is NaN (a NaN component
     does that by itself). r stays a normal float (>= 2^-73), where 1 / max would be subnormal
-    above 2^126, which a GPU's division may flush to 0. (Computed as 1 / (max 2^-55): the
-    product is exact, and ptxas allocates this form without spills on every triton checked.)"""
+    above 2^126, with fewer significant bits (or 0 wherever subnormals are flushed). (Computed
+    as 1 / (max 2^-55): the product is exact, and ptxas allocates this form without spills on
+    every triton checked.)"""
     big = tl.max(tl.abs(b_x), axis=1)
     return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0), 1.0)
 
@@ -96,7 +97,9 @@ def _merge_kernel(
     n_c = tl.where(n_c > _FLOAT32_MAX, n_c * 0.0, n_c)
     # A zero vector: its norm is the smaller one. (Not where the other norm is NaN: see d.)
     zero = tl.minimum(n_p, n_c, propagate_nan=tl.PropagateNan.ALL) == 0
-    # (1 / NaN = NaN: NaN propagates to the directions, and from them to the angle and d.)
+    # (1 / NaN = NaN: NaN propagates to the directions, and from them to the angle and d.
+    # Above 2^126, 1 / |x| is subnormal, with fewer significant bits: the direction's length
+    # is then off by up to ~1e-6. Dividing the scaled rows instead costs registers that spill.)
     inv_p = tl.where(n_p == 0, 0.0, 1.0 / tl.where(n_p == 0, 1.0, n_p))
     inv_c = tl.where(n_c == 0, 0.0, 1.0 / tl.where(n_c == 0, 1.0, n_c))
     b_up = b_xp * inv_p[:, None]
@@ -130,9 +133,9 @@ def _merge_kernel(
     n_e = tl.where(degenerate, tl.where(n_c > 0, 1.0, 0.0), n_e)
     b_e = b_e * tl.where(n_e > 0, 1.0 / tl.where(n_e > 0, n_e, 1.0), 0.0)[:, None]
 
-    if PROJECTION:
-        mag_p = tl.sum(b_xp * b_e, axis=1)
-        mag_c = tl.sum(b_xc * b_e, axis=1)
+    if PROJECTION:   # (|x . e| <= |x|; rounding may pass float32's largest number: clamped)
+        mag_p = saturate(tl.sum(b_xp * b_e, axis=1), _FLOAT32_MAX)
+        mag_c = saturate(tl.sum(b_xc * b_e, axis=1), _FLOAT32_MAX)
     else:
         mag_p = n_p
         mag_c = n_c
