@@ -407,6 +407,15 @@ class MiniCache:
         v_extra = _cat(pair.sink_v[side], pair.tail_v[side])
         return pair.mk, pair.mv, ("prev", "cur")[side], k_extra, v_extra
 
+    def crop_is_exact(self, layer: int) -> bool:
+        """Whether a `crop` leaves `layer` as it was before the cropped tokens came (what a
+        rollback, e.g. assisted decoding's, needs): True for a dense layer, a "mean" pair (each
+        token is averaged on its own) and a slerp pair with no merged token yet. Once tokens are
+        merged, a crop that cuts into them cannot restore the rest: each merged chunk's
+        threshold came from the extremes of all its tokens."""
+        pair, _ = self._locate(layer)
+        return pair is None or pair.spec.method == "mean" or pair.merged_len() == 0
+
     def merged_pairs(self, layer: int):
         """The (keys, values) MergedPairs of `layer`'s pair, or None."""
         pair, _ = self._locate(layer)
@@ -496,7 +505,7 @@ class MiniCache:
     # ---- edits ----
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens of every layer (merged tokens are cut out of the store;
-        they are not un-merged)."""
+        they are not un-merged: see `crop_is_exact`)."""
         self._edit(slice(None), check_index("length", length))
 
     def select_batch(self, index: torch.Tensor) -> None:

@@ -56,7 +56,6 @@ class MiniCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = True
     supports_early_init = False
 
     def __init__(self, owner: "MiniCacheHF", layer_idx: int):
@@ -105,6 +104,12 @@ class MiniCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._owner.reset()
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can put this layer back as it was (`MiniCache.crop_is_exact`):
+        transformers refuses assisted decoding over a cache where it cannot."""
+        return self._owner.core.crop_is_exact(self._idx)
+
     def crop(self, n: int) -> None:
         self._owner.crop(n)
 
@@ -133,7 +138,8 @@ class MiniCacheHF(Cache):
             whether the model uses the "minitriton" attention), or None with `num_layers`.
         plan: as for `MiniCache`: None (the paper's pairs from L // 2), a `MergePlan`, a list of
             `(l, l + 1)` / `PairSpec`, or [] for no merging.
-        num_layers, t, gamma, magnitude, sink, window: as for `MiniCache`.
+        num_layers, t, gamma, magnitude, sink, window: as for `MiniCache` (num_layers, when
+            given with a config, must match its number of layers).
         fused_decode: use `decode_attention` for one-token steps over merged layers when the model
             runs the "minitriton" attention (see `use_minitriton_attention`). Default True.
 
@@ -145,15 +151,21 @@ class MiniCacheHF(Cache):
     def __init__(self, config=None, plan=None, *, num_layers: Optional[int] = None,
                  t: float = DEFAULT_T, gamma: float = DEFAULT_GAMMA, magnitude: str = "norm",
                  sink: int = 0, window: int = DEFAULT_WINDOW, fused_decode: bool = True):
+        if config is None and num_layers is None:
+            raise ValueError("config: expected a model config (or pass num_layers), got None")
+        text = config
+        if hasattr(config, "get_text_config"):
+            text = config.get_text_config(decoder=True)
         if num_layers is None:
-            if config is None:
-                raise ValueError("config: expected a model config (or pass num_layers), got None")
-            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
-                else config
             if getattr(text, "num_hidden_layers", None) is None:
                 raise TypeError(f"config: expected a model config with num_hidden_layers (or "
                                 f"pass num_layers), got {type(config).__name__}")
             num_layers = check_index("config.num_hidden_layers", text.num_hidden_layers, low=1)
+        elif getattr(text, "num_hidden_layers", None) is not None \
+                and check_index("num_layers", num_layers, low=1) != text.num_hidden_layers:
+            raise ValueError(f"num_layers: {num_layers} does not match the config's "
+                             f"num_hidden_layers={text.num_hidden_layers} (pass one or the "
+                             f"other)")
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
         if config is not None and self.core.merges:
@@ -167,6 +179,11 @@ class MiniCacheHF(Cache):
     @property
     def plan(self):
         return self.core.plan
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can put every layer back as it was (see `MiniCacheLayer`)."""
+        return all(layer.is_croppable for layer in self.layers)
 
     # ---- the update that the model's attention layers call ----
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

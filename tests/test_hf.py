@@ -117,6 +117,32 @@ def test_crop_and_batch_edits(model):
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
 
 
+def test_crop_is_exact_only_before_merging(model):
+    """A slerp pair can be cropped back exactly only while none of its tokens are merged (each
+    merged chunk's threshold came from all its tokens): `is_croppable` says so per layer, and
+    transformers >= 5 then refuses assisted decoding instead of decoding differently from
+    greedy. Dense layers and "mean" pairs stay croppable."""
+    ids = _ids(12, seed=3)
+    caches = [MiniCacheHF(model.config, []),
+              MiniCacheHF(model.config, [PairSpec(3, method="mean")], window=4),
+              MiniCacheHF(model.config, window=4)]                      # slerp (3, 4)
+    for cache in caches:
+        assert cache.is_croppable
+        with torch.no_grad():
+            model(input_ids=ids, **cache_kwargs(model, cache))
+    dense, mean, slerp = caches
+    assert dense.is_croppable and mean.is_croppable and not slerp.is_croppable
+    assert [layer.is_croppable for layer in slerp.layers] == [i not in (3, 4) for i in range(L)]
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                  do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=2)
+        with torch.no_grad(), pytest.raises(ValueError, match="cropped"):
+            model.generate(**kw, **cache_kwargs(model, MiniCacheHF(model.config, window=4)))
+        with torch.no_grad():
+            got = model.generate(**kw, **cache_kwargs(model, MiniCacheHF(model.config, [])))
+        assert torch.equal(got, _generate(model, ids, DynamicCache(), n=6))
+
+
 def test_bad_batch_edits_and_layers_are_named(model):
     """Batch edits take integer row numbers (never coerced from masks or floats), a repeat
     count >= 1, and updates a layer index in range."""
@@ -155,6 +181,11 @@ def test_configs_without_a_layer_count_are_named():
             MiniCacheHF(cfg)
     assert MiniCacheHF(SimpleNamespace(num_hidden_layers=4, hidden_size=32,
                                        num_attention_heads=2)).core.num_layers == 4
+    cfg = SimpleNamespace(num_hidden_layers=4, hidden_size=32, num_attention_heads=2)
+    assert MiniCacheHF(cfg, num_layers=4).core.num_layers == 4
+    with pytest.raises(ValueError, match="num_layers: 40 does not match the config's "
+                                         "num_hidden_layers=4"):
+        MiniCacheHF(cfg, num_layers=40)
 
 
 def test_mask_verdict_once_per_mask(model, monkeypatch):
