@@ -70,13 +70,27 @@ def _load(args):
     return model, tok, text
 
 
+def _plan_file(path: str) -> str:
+    """An argparse type: the text of a readable plan JSON that parses (its layers are checked
+    against the model's once it is loaded)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r} ({err.strerror})") from None
+    try:
+        MergePlan.from_json(text)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{path!r} is not a plan: {err}") from None
+    return text
+
+
 def _configs(model, args) -> dict:
     from .calibrate import shipped_plans
     from .evaluate import default_configs
     L = model.config.get_text_config(decoder=True).num_hidden_layers
     extra = shipped_plans(model)
     if getattr(args, "plan", None):
-        extra["custom"] = MergePlan.from_json(Path(args.plan).read_text(), num_layers=L)
+        extra["custom"] = MergePlan.from_json(args.plan, num_layers=L)   # (the file's text)
     configs = default_configs(L, extra)
     if getattr(args, "configs", None):
         names = args.configs.split(",")
@@ -249,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     e.add_argument("--windows", type=_int_at_least(1), default=4,
                    help="eval windows (default 4)")
-    e.add_argument("--plan", help="a plan JSON (from calibrate --out), evaluated as 'custom' "
-                                  "(also with --configs)")
+    e.add_argument("--plan", type=_plan_file,
+                   help="a plan JSON (from calibrate --out), evaluated as 'custom' (also with "
+                        "--configs)")
     e.add_argument("--configs", help="comma-separated subset, e.g. full,minicache")
     e.set_defaults(func=cmd_eval)
 

@@ -113,6 +113,7 @@ def test_cli_parser():
     (["calibrate", "--budget", "-1"], "--budget: expected a percentage > 0"),
     (["calibrate", "--sink", "-2"], "--sink: expected an int >= 0"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1"),
+    (["eval", "--plan", "/nonexistent/plan.json"], "--plan: cannot read '/nonexistent/plan"),
 ])
 def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -127,8 +128,11 @@ def test_cli_evaluates_a_given_plan_with_any_configs(model, tmp_path):
 
     path = tmp_path / "plan.json"
     path.write_text(MergePlan([(1, 2)]).to_json())
-    args = SimpleNamespace(plan=str(path), configs="full,minicache")
+    args = build_parser().parse_args(["eval", "--plan", str(path), "--configs", "full,minicache"])
     assert list(_configs(model, args)) == ["full", "minicache", "custom"]
+    path.write_text('{"pair": [[1, 2]]}')
+    with pytest.raises(SystemExit):         # (argparse: usage and message, before any work)
+        build_parser().parse_args(["eval", "--plan", str(path)])
     assert list(_configs(model, SimpleNamespace(plan=None, configs=None)))[0] == "full"
     with pytest.raises(SystemExit, match="'custom' is the plan given by --plan"):
         _configs(model, SimpleNamespace(plan=None, configs="full,custom"))
