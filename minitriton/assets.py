@@ -100,8 +100,9 @@ def check_loaders() -> None:
                            f"minitriton's demo extra:\n    {DEMO_INSTALL}")
 
 
-def load_model(dtype=None, threads: int | None = None):
+def load_model(dtype=None, threads: int | None = None, progress: bool = True):
     """`(model, tokenizer)`: SmolLM2-135M-Instruct from the embedded GGUF, float32, eval mode.
+    `progress=False` also silences transformers' bar over the GGUF tensors.
 
     Offline: HF_HUB_OFFLINE=1 is set before transformers is imported (no hub is contacted).
     """
@@ -119,10 +120,23 @@ def load_model(dtype=None, threads: int | None = None):
     transformers.utils.logging.disable_progress_bar()
     dtype = torch.float32 if dtype is None else dtype
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The GGUF conversion's bar is a plain tqdm in that module, which disable_progress_bar()
+    # does not reach: without progress it is swapped for a silent one while the model loads.
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    bar = getattr(gguf_utils, "tqdm", None)
+    if not progress and bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     torch_dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         torch_dtype=dtype)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     model.eval()
     return model, tokenizer

@@ -63,7 +63,7 @@ def _shape(text: str) -> tuple:
 def _load(args):
     from .assets import load_model, load_text
     t0 = time.perf_counter()
-    model, tok = load_model(threads=args.threads)
+    model, tok = load_model(threads=args.threads, progress=not getattr(args, "no_progress", False))
     text = load_text()
     print(f"loaded SmolLM2-135M-Instruct (float32) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)

@@ -159,3 +159,28 @@ def test_windows_argument():
             token_windows(ids, bad)
     with pytest.raises(TypeError, match="n_windows"):
         token_windows(ids, 2.0)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_load_model_progress(monkeypatch, progress):
+    """`load_model(progress=False)` (the CLI's --no-progress) silences transformers' bar over
+    the GGUF tensors while the model loads, and leaves that module as it was."""
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from minitriton import assets
+
+    seen = []
+
+    def fake_model(*args, **kwargs):   # what the GGUF conversion does with its bar
+        seen.append(gguf_utils.tqdm([1, 2]).disable)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: "tok")
+    monkeypatch.setattr(assets, "check_loaders", lambda: None)
+    monkeypatch.setattr(assets, "model_path", lambda: __import__("pathlib").Path("/m/x.gguf"))
+    before = gguf_utils.tqdm
+    model, tok = assets.load_model(progress=progress)
+    assert seen == [not progress] and tok == "tok" and not model.training
+    assert gguf_utils.tqdm is before
