@@ -15,8 +15,8 @@ import torch
 from ._checks import check_has_data, check_head_dim, check_real, check_same, check_tensor
 from .backend import select_backend
 from .pair import MergedPair, check_pair, resolve_neg
+from .reference import FLOAT32_MAX
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 LAYERS = ("prev", "cur")
 
@@ -168,7 +168,7 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
         scale = 1.0 / math.sqrt(D)
     else:
         scale = check_real("sm_scale", sm_scale)
-        if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:   # (scores are float32)
+        if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:   # (scores are float32)
             raise ValueError(f"sm_scale: expected a finite float32 number, got {scale!r}")
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} "

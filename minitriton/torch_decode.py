@@ -98,7 +98,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
         kv = kept_v.to(f32)
         if seq_lens is not None:
             live = pos_v < seq_lens.to(torch.long)[bh_v // H]
-            kv = torch.where(live.unsqueeze(-1), kv, torch.zeros((), dtype=f32, device=dev))
+            kv = kv.masked_fill(~live.unsqueeze(-1), 0.0)
         o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kv.unsqueeze(1))
     if has_tail:
         pt = st.sub_(m.unsqueeze(-1)).exp_()
@@ -106,7 +106,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
         vt = v_tail.to(f32)
         if tail_lens is not None:
             live = torch.arange(T, device=dev) < tail_lens.view(B, 1, 1)     # [B, 1, T]
-            vt = torch.where(live.unsqueeze(-1), vt, torch.zeros((), dtype=f32, device=dev))
+            vt = vt.masked_fill(~live.unsqueeze(-1), 0.0)
         o = o + torch.matmul(pt, vt)
 
     # A row that saw no token at all: o = 0, lse = -inf (log 0). (A NaN score makes den NaN:

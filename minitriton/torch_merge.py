@@ -21,8 +21,7 @@ import torch
 
 from ._upcast import chunked, upcast_chunks
 from .pair import MergedPair, _layer_parts
-from .reference import FLOAT32_MAX as _FLOAT32_MAX
-from .reference import LERP_EPS, SIN_EPS
+from .reference import FLOAT32_MAX, LERP_EPS, SIN_EPS
 from .retention import finish_merge
 
 # arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
@@ -260,8 +259,8 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     else:  # x . e with e = a x_prev + b x_cur, evaluated on the float32 e (before the cast)
         mag_p, mag_c = a * n_p * n_p + b * dot, a * dot + b * n_c * n_c
         if far is not None:   # (|x . e| <= |x|, but the sum may round past float32's range)
-            mag_p[far[0]] = far[2].clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
-            mag_c[far[0]] = far[3].clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
+            mag_p[far[0]] = far[2].clamp(-FLOAT32_MAX, FLOAT32_MAX)
+            mag_c[far[0]] = far[3].clamp(-FLOAT32_MAX, FLOAT32_MAX)
     if no_angle is not None and no_angle[0].numel():
         e[no_angle] = 0
         mag_p[no_angle], mag_c[no_angle], d[no_angle] = 0.0, 0.0, math.nan
