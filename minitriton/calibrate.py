@@ -214,6 +214,10 @@ SMOLLM2_135M = {
 }
 
 
+# The names of the plans `shipped_plans` gives for the embedded model.
+SHIPPED_PLANS = tuple(name for name in ("calibrated", "calibrated-matched") if SMOLLM2_135M[name])
+
+
 def _is_smollm2_135m(model) -> bool:
     cfg = model.config.get_text_config(decoder=True)
     return (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads,
@@ -233,4 +237,4 @@ def shipped_plans(model) -> dict:
     if not order:
         return {}
     return {name: MergePlan(order[:SMOLLM2_135M[name]], num_layers=30)
-            for name in ("calibrated", "calibrated-matched") if SMOLLM2_135M[name]}
+            for name in SHIPPED_PLANS}

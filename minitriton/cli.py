@@ -93,19 +93,29 @@ def _configs(model, args) -> dict:
         extra["custom"] = MergePlan.from_json(args.plan, num_layers=L)   # (the file's text)
     configs = default_configs(L, extra)
     if getattr(args, "configs", None):
-        names = args.configs.split(",")
-        if "custom" in configs and "custom" not in names:
-            names.append("custom")          # --plan is always evaluated
-        unknown = [n for n in names if n not in configs]
-        if unknown:
-            hint = "" if "custom" in configs else " ('custom' is the plan given by --plan)"
-            raise SystemExit(f"--configs: unknown {unknown}; known: {list(configs)}{hint}")
-        configs = {n: configs[n] for n in names}
+        configs = {n: configs[n] for n in _config_names(args.configs, list(configs))}
     return configs
 
 
+def _config_names(spec: str, known: list) -> list:
+    """The names in `spec` ("a,b"), each in `known`, and "custom" (the --plan) whenever it is
+    known; SystemExit naming the unknown ones."""
+    names = [n.strip() for n in spec.split(",")]
+    if "custom" in known and "custom" not in names:
+        names.append("custom")          # --plan is always evaluated
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hint = "" if "custom" in known else " ('custom' is the plan given by --plan)"
+        raise SystemExit(f"--configs: unknown {unknown}; known: {known}{hint}")
+    return names
+
+
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, format_plans, format_table
+    from .calibrate import SHIPPED_PLANS
+    from .evaluate import DEFAULT_CONFIGS, evaluate, format_plans, format_table
+    if args.configs:   # names checked before the model loads (and again against its plans)
+        _config_names(args.configs, [*DEFAULT_CONFIGS, *SHIPPED_PLANS]
+                      + (["custom"] if args.plan else []))
     model, tok, text = _load(args)
     configs = _configs(model, args)
     t0 = time.perf_counter()

@@ -56,6 +56,10 @@ def token_windows(ids, n_windows: int = WINDOWS, *, start: int = 0, prefix: int 
     return out
 
 
+# The names of the plans `default_configs` always gives, in its order.
+DEFAULT_CONFIGS = ("full", "minicache", "minicache-proj", "mean")
+
+
 def default_configs(num_layers: int, calibrated: Optional[dict] = None) -> dict:
     """The compared plans: full, minicache (paper: pairs from L // 2, t=0.6, gamma=0.05, norm),
     minicache-proj, mean (the paper's averaging baseline, same pairs), and any calibrated ones."""

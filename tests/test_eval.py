@@ -138,6 +138,28 @@ def test_cli_evaluates_a_given_plan_with_any_configs(model, tmp_path):
         _configs(model, SimpleNamespace(plan=None, configs="full,custom"))
 
 
+def test_cli_checks_config_names_before_loading_the_model(monkeypatch):
+    from minitriton import cli
+    from minitriton.calibrate import SHIPPED_PLANS
+    from minitriton.evaluate import DEFAULT_CONFIGS
+
+    class Loaded(Exception):
+        pass
+
+    def load(args):
+        raise Loaded
+
+    monkeypatch.setattr(cli, "_load", load)
+    with pytest.raises(SystemExit, match=r"unknown \['bogus'\]"):
+        cli.main(["eval", "--configs", "full,bogus"])
+    with pytest.raises(SystemExit, match="'custom' is the plan given by --plan"):
+        cli.main(["eval", "--configs", "custom"])
+    with pytest.raises(Loaded):   # every name the embedded model's eval knows gets through
+        cli.main(["eval", "--configs", ",".join((*DEFAULT_CONFIGS, *SHIPPED_PLANS))])
+    assert SHIPPED_PLANS == ("calibrated", "calibrated-matched")
+    assert tuple(default_configs(L)) == DEFAULT_CONFIGS
+
+
 def test_calibrate_defaults_match_the_command():
     import inspect
 
