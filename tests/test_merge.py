@@ -341,6 +341,38 @@ def test_row_scale_stays_normal(device):
             assert v * f == pytest.approx(2.0 ** 55, rel=1e-6), (v, f)
 
 
+def test_tuning_leaves_no_row_extremes_behind(device, monkeypatch):
+    """The merge kernel folds each row's d_min / d_max in with atomics. Autotuning runs every
+    config on the caller's tensors before the chosen one; the extremes must be back at their
+    start values after each of those runs, or the call keeps the extremes over all configs
+    (which reduce over D in different orders). Here the merge kernel runs through triton's
+    Autotuner with two configs and a benchmarker that, after each run, reads the extremes."""
+    from triton.runtime.autotuner import Autotuner
+
+    from minitriton.kernels import merge as km
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    seen = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        seen.append((tuner.nargs["dmin_ptr"].clone(), tuner.nargs["dmax_ptr"].clone()))
+        return [1.0 + len(seen)] * len(quantiles)
+
+    configs = [triton.Config({"BLOCK_S": bs}, num_warps=4, num_stages=1) for bs in (8, 16)]
+    tuner = Autotuner(km._merge_kernel, km._merge_kernel.arg_names, configs, ["D", "BLOCK_D"],
+                      reset_to_zero=None, restore_value=list(km._merge_autotuned.restore_value),
+                      do_bench=bench)
+    monkeypatch.setattr(km, "_merge_autotuned", tuner)
+    x_prev, x_cur = make_pair(2, 3, 37, 32, torch.float32, device, seed=3)
+    m = minitriton.merge(x_prev, x_cur, t=0.6, gamma=0.05)
+    assert len(seen) == 2
+    for d_min, d_max in seen:
+        assert (d_min == 2.0).all() and (d_max == -1.0).all()
+    ref = merge_ref(x_prev.cpu().double().numpy(), x_cur.cpu().double().numpy(), 0.6, 0.05)
+    assert_close(m.d_min.cpu(), torch.from_numpy(ref["d_min"]).float(), torch.float32)
+
+
 @pytest.mark.parametrize("scale", [1e-18, 1e-20, 1e-22])
 def test_tiny_vectors(backend, device, scale):
     """Vectors whose squares underflow float32 (|x| below ~1e-19) still merge onto a unit e on

@@ -81,9 +81,14 @@ def token_tile_autotune_configs() -> list:
                         triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1))
 
 
-def token_tile_autotune(kernel, prune):
+def token_tile_autotune(kernel, prune, restore_value=()):
     """`kernel` autotuned over `token_tile_autotune_configs()`, keyed on D and BLOCK_D, pruned by
     `prune`; launched as `tuned[grid](...)`.
+
+    restore_value: the arguments the kernel accumulates into (atomics) rather than overwrites.
+    Tuning runs every config on the caller's tensors before the chosen one runs; these are
+    saved before each of those runs and put back after it, so that the call's result holds
+    the chosen config's run alone, as every later call's does.
 
     The benchmarker is looked up at the first tuning (as triton >= 3.4 does by default):
     triton 3.2-3.3 look it up when the autotuner is built, which fails on a machine without a
@@ -93,19 +98,27 @@ def token_tile_autotune(kernel, prune):
     triton 3.2's interpreter rejects the autotuner's launch options."""
     configs = token_tile_autotune_configs()
     if len(configs) == 1:
-        return _OneConfig(kernel, configs[0])
+        return _OneConfig(kernel, configs[0], restore_value)
     from triton.runtime.autotuner import Autotuner
 
+    for name in restore_value:
+        if name not in kernel.arg_names:
+            raise ValueError(f"restore_value: {name!r} is not an argument of {kernel.fn.__name__}")
     return Autotuner(kernel, kernel.arg_names, configs, ["D", "BLOCK_D"],
-                     reset_to_zero=None, restore_value=None,
+                     reset_to_zero=None, restore_value=list(restore_value) or None,
                      prune_configs_by={"early_config_prune": prune}, do_bench=_benchmark)
 
 
 class _OneConfig:
-    """`kernel[grid](...)` with the meta-parameters, warps and stages of one config."""
+    """`kernel[grid](...)` with the meta-parameters, warps and stages of one config (nothing
+    to tune, so `restore_value` is only recorded)."""
 
-    def __init__(self, kernel, config):
-        self.kernel, self.config = kernel, config
+    def __init__(self, kernel, config, restore_value=()):
+        for name in restore_value:
+            if name not in kernel.arg_names:
+                raise ValueError(f"restore_value: {name!r} is not an argument of "
+                                 f"{kernel.fn.__name__}")
+        self.kernel, self.config, self.restore_value = kernel, config, tuple(restore_value)
 
     def __getitem__(self, grid):
         c = self.config

@@ -152,7 +152,10 @@ def _merge_kernel(
     tl.atomic_max(dmax_ptr + i_bh, tl.max(tl.where(m_f, d, -1.0), axis=0))
 
 
-_merge_autotuned = token_tile_autotune(_merge_kernel, _prune)
+# The row extremes are folded in with atomics: tuning's runs of the other configs must not
+# leave theirs (configs reduce over D in different orders, so d may differ by an ulp).
+_merge_autotuned = token_tile_autotune(_merge_kernel, _prune,
+                                       restore_value=("dmin_ptr", "dmax_ptr"))
 
 
 @triton.jit
