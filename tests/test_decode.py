@@ -161,6 +161,10 @@ def test_sm_scale(backend, device):
     c = Case(B=1, H=2, G=2, S=17, T=2, D=64, dtype=torch.float32, device=device)
     c.check("cur", sm_scale=0.37)
     c.check("cur", sm_scale=-0.1)
+    # A scale near float32's largest number on a tiny q: q * sm_scale is ~30 q, while
+    # sm_scale * log2(e) would overflow (the kernel's exponent is base 2).
+    c.q = c.q * 1e-37
+    c.check("cur", sm_scale=3e38, num_splits=3)
 
 
 def test_strided_inputs(backend, device):

@@ -13,7 +13,7 @@ a program (padded to BLOCK_G >= 16 rows so that tl.dot applies).
 
 Split-K: the token axis (merged tokens, then the tail, as one virtual sequence) is cut into
 `num_splits` chunks of `chunk` tokens; program (kv head, split) writes an unnormalised partial
-(acc [D], running max m, sum l; base-2 exponent) into a float32 workspace, and
+(acc [D], running max m, sum l) into a float32 workspace, and
 `_decode_reduce_kernel` combines the partials of each query head with log-sum-exp.
 
 Everything runs in float32: tiles are upcast right after tl.load and the dots use
@@ -48,7 +48,8 @@ MIN_TOKENS_PER_SPLIT = 256
 # differ between the two; decode is memory-bound, so tensor cores would buy little).
 DOT_PRECISION = tl.constexpr("ieee")
 BLOCK_G = 16  # query rows per program: tl.dot needs M >= 16; G > 16 takes several programs
-LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -75,19 +76,22 @@ def _merged_tile(E, MAG, SLOT, KEPT, o_n, m_n, o_d, m_d,
 
 @triton.jit
 def _scores(q, k, m_n):
-    """[BLOCK_G, BLOCK_N] base-2 scores of one block, -inf where masked."""
+    """[BLOCK_G, BLOCK_N] scores of one block (q holds sm_scale), -inf where masked."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     return tl.where(m_n[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _online_softmax(s, v, m_i, l_i, acc):
-    """Fold one block's scores s and values v into the running (max, sum, weighted values)."""
+    """Fold one block's scores s and values v into the running (max, sum, weighted values).
+
+    exp(s - m) as exp2((s - m) log2(e)): the scale to base 2 applies to differences, which are
+    <= 0, so that it cannot overflow (scaling q or the scores by log2(e) would, past 2.4e38)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))                               # [BLOCK_G]
     # Rows that have seen no token yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)                                       # [BLOCK_G]
-    p = tl.math.exp2(s - m_safe[:, None])                                    # [BLOCK_G, BLOCK_N]
+    alpha = tl.math.exp2((m_i - m_safe) * _LOG2E)                            # [BLOCK_G]
+    p = tl.math.exp2((s - m_safe[:, None]) * _LOG2E)                         # [BLOCK_G, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
     return m_new, l_i, acc
@@ -96,7 +100,7 @@ def _online_softmax(s, v, m_i, l_i, acc):
 @triton.jit(do_not_specialize=["S", "T", "chunk", "G", "NUM_GB"])
 def _decode_split_kernel(
     Q, EK, MAGK, SLOTK, KEPTK, EV, MAGV, SLOTV, KEPTV, KT, VT, SEQ_LENS, TAIL_LENS, WS,
-    qk_scale, S, T, chunk, G, H, NUM_GB, D,
+    sm_scale, S, T, chunk, G, H, NUM_GB, D,
     stride_qb, stride_qh, stride_qd,
     stride_ekb, stride_ekh, stride_eks, stride_ekd,
     stride_mkb, stride_mkh, stride_mks, stride_kkn, stride_kkd,
@@ -123,7 +127,7 @@ def _decode_split_kernel(
     m_d = o_d < D
     q = tl.load(Q + i_b * stride_qb + o_hq[:, None] * stride_qh + o_d[None, :] * stride_qd,
                 mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
-    q = q * qk_scale  # sm_scale * log2(e): scores come out in base 2
+    q = q * sm_scale
 
     # Lengths are clamped so that an out-of-range value can never read outside the cache.
     seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + i_b), 0), S)
@@ -171,7 +175,7 @@ def _decode_split_kernel(
                         mask=m_nd, other=0.0).to(tl.float32)
             m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc)
 
-    # Partial of this split: WS[b, hq, split, :D] = acc, [D] = m (base 2), [D + 1] = l.
+    # Partial of this split: WS[b, hq, split, :D] = acc, [D] = m, [D + 1] = l.
     # An empty split writes acc = 0, m = -inf, l = 0, which the reduce weighs by zero.
     p_w = WS + i_b * stride_wb + o_hq * stride_wh + i_s * stride_ws          # [BLOCK_G]
     tl.store(p_w[:, None] + o_d[None, :], acc, mask=m_g[:, None] & m_d[None, :])
@@ -185,7 +189,7 @@ def _decode_reduce_kernel(
     stride_wb, stride_wh, stride_ws, stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
     OUT_MAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (b, hq): o = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)."""
+    """Program (b, hq): o = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b = i_bh // HQ
     i_h = i_bh % HQ
@@ -206,8 +210,8 @@ def _decode_reduce_kernel(
                       other=0.0)                                             # [BLOCK_S, BLOCK_D]
         m_new = tl.maximum(m_run, tl.max(m_c, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_run - m_safe)
-        w = tl.math.exp2(m_c - m_safe)                                       # [BLOCK_S]
+        alpha = tl.math.exp2((m_run - m_safe) * _LOG2E)
+        w = tl.math.exp2((m_c - m_safe) * _LOG2E)                            # [BLOCK_S]
         l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
         acc = acc * alpha + tl.sum(w[:, None] * a_c, axis=0)
         m_run = m_new
@@ -216,8 +220,7 @@ def _decode_reduce_kernel(
     # NaN score makes l_run NaN: o and lse are then NaN, as in attention over the dense layer.)
     has = (l_run == 0.0) == 0
     o = tl.where(has, acc / tl.where(has, l_run, 1.0), 0.0)
-    lse = tl.where(has, (m_run + tl.math.log2(tl.where(has, l_run, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(has, m_run + tl.math.log2(tl.where(has, l_run, 1.0)) * _LN2, float("-inf"))
     # (o is a weighted mean of restored values: beyond a half dtype's range it saturates)
     tl.store(O + i_b * stride_ob + i_h * stride_oh + o_d * stride_od,
              saturate(o, OUT_MAX).to(O.dtype.element_ty), mask=m_d)
@@ -362,7 +365,7 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
     _decode_split_kernel[grid](
         q, k.e, mag_k, slot_k, kept_k, v.e, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
         workspace,
-        sm_scale * LOG2E, S, T, chunk, G, H, num_gb, D,
+        sm_scale, S, T, chunk, G, H, num_gb, D,
         *q.stride(),
         *k.e.stride(), *mag_k.stride(), *kept_k.stride(),
         *v.e.stride(), *mag_v.stride(), *kept_v.stride(),
@@ -407,7 +410,7 @@ def aot_specs() -> list:
                         sig[a] = "*fp32"
                     elif a in ("SLOTK", "SLOTV", "SEQ_LENS", "TAIL_LENS"):
                         sig[a] = "*i32"
-                    elif a == "qk_scale":
+                    elif a == "sm_scale":
                         sig[a] = "fp32"
                     elif a in ("HAS_TAIL", "BLOCK_G", "BLOCK_N", "BLOCK_D"):
                         sig[a] = "constexpr"
