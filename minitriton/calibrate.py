@@ -218,10 +218,14 @@ SMOLLM2_135M = {
 SHIPPED_PLANS = tuple(name for name in ("calibrated", "calibrated-matched") if SMOLLM2_135M[name])
 
 
+# The embedded model's (layers, hidden size, KV heads, head dim).
+SMOLLM2_135M_SHAPE = (30, 576, 3, 64)
+
+
 def _is_smollm2_135m(model) -> bool:
     cfg = model.config.get_text_config(decoder=True)
     return (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads,
-            getattr(cfg, "head_dim", 64)) == (30, 576, 3, 64)
+            getattr(cfg, "head_dim", 64)) == SMOLLM2_135M_SHAPE
 
 
 def shipped_order(model) -> list:
@@ -236,5 +240,5 @@ def shipped_plans(model) -> dict:
     order = shipped_order(model)
     if not order:
         return {}
-    return {name: MergePlan(order[:SMOLLM2_135M[name]], num_layers=30)
+    return {name: MergePlan(order[:SMOLLM2_135M[name]], num_layers=SMOLLM2_135M_SHAPE[0])
             for name in SHIPPED_PLANS}

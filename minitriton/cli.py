@@ -90,11 +90,20 @@ def _configs(model, args) -> dict:
     L = model.config.get_text_config(decoder=True).num_hidden_layers
     extra = shipped_plans(model)
     if getattr(args, "plan", None):
-        extra["custom"] = MergePlan.from_json(args.plan, num_layers=L)   # (the file's text)
+        extra["custom"] = _plan_for(args.plan, L)
     configs = default_configs(L, extra)
     if getattr(args, "configs", None):
         configs = {n: configs[n] for n in _config_names(args.configs, list(configs))}
     return configs
+
+
+def _plan_for(text: str, num_layers: int) -> MergePlan:
+    """The --plan file's plan (its text) for a model of `num_layers` layers; SystemExit naming
+    what does not fit."""
+    try:
+        return MergePlan.from_json(text, num_layers=num_layers)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--plan: not a plan for this {num_layers}-layer model: {err}") from None
 
 
 def _config_names(spec: str, known: list) -> list:
@@ -111,11 +120,14 @@ def _config_names(spec: str, known: list) -> list:
 
 
 def cmd_eval(args) -> int:
-    from .calibrate import SHIPPED_PLANS
+    from .calibrate import SHIPPED_PLANS, SMOLLM2_135M_SHAPE
     from .evaluate import DEFAULT_CONFIGS, evaluate, format_plans, format_table
-    if args.configs:   # names checked before the model loads (and again against its plans)
+    # Names and the plan are checked before the model loads (and again against it).
+    if args.configs:
         _config_names(args.configs, [*DEFAULT_CONFIGS, *SHIPPED_PLANS]
                       + (["custom"] if args.plan else []))
+    if args.plan:
+        _plan_for(args.plan, SMOLLM2_135M_SHAPE[0])
     model, tok, text = _load(args)
     configs = _configs(model, args)
     t0 = time.perf_counter()

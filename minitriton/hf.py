@@ -28,9 +28,11 @@ fall back to restore + sdpa.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 import transformers
 
@@ -170,8 +172,13 @@ class MiniCacheHF(Cache):
                               window=window)
         if config is not None and self.core.merges:
             _check_head_dim(config)
+        if isinstance(fused_decode, np.bool_):
+            fused_decode = bool(fused_decode)
+        if not isinstance(fused_decode, bool):
+            raise TypeError(f"fused_decode: expected a bool, got {type(fused_decode).__name__} "
+                            f"{fused_decode!r}")
         self._config = config
-        self.fused_decode = bool(fused_decode)
+        self.fused_decode = fused_decode
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
@@ -184,6 +191,11 @@ class MiniCacheHF(Cache):
     def is_croppable(self) -> bool:
         """Whether `crop` can put every layer back as it was (see `MiniCacheLayer`)."""
         return all(layer.is_croppable for layer in self.layers)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether every layer holds states (after the first forward), as for DynamicCache."""
+        return all(layer.is_initialized for layer in self.layers)
 
     # ---- the update that the model's attention layers call ----
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -226,12 +238,28 @@ class MiniCacheHF(Cache):
 
     # ---- edits (once for the whole cache) ----
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.core.seq_len(layer_idx) if layer_idx < self.core.num_layers else 0
+        """Tokens held by layer `layer_idx` (negative: from the last layer); 0 past the last
+        layer, as transformers' caches answer."""
+        L = self.core.num_layers
+        if isinstance(layer_idx, (bool, np.bool_)) or not isinstance(layer_idx, numbers.Integral):
+            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__} "
+                            f"{layer_idx!r}")
+        if layer_idx >= L:
+            return 0
+        if layer_idx < -L:
+            raise ValueError(f"layer_idx: expected an int >= {-L} ({L} layers), got {layer_idx!r}")
+        return self.core.seq_len(int(layer_idx) % L)
 
     def reset(self) -> None:
         self.core.reset()
 
     def crop(self, n: int) -> None:
+        """Keep the first n tokens (n >= 0; on transformers 5, 0 keeps everything, as its caches
+        do), or drop the last -n (n < 0)."""
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n: expected an int (a length to keep, or a negative count to "
+                            f"drop), got {type(n).__name__} {n!r}")
+        n = int(n)
         current = self.get_seq_length()
         if n < 0:
             keep = current + n
@@ -313,21 +341,28 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
     layer, scaled-dot-product attention otherwise (longer queries, masks that hide cached
-    tokens, soft-capped or sliding-window layers, and steps that need gradients or dropout)."""
+    tokens, sliding-window layers, states of different dtypes, and steps that need gradients
+    or dropout). Logit soft-capping (e.g. Gemma 2) is refused: neither computes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))
+    if softcap is not None:
+        raise ValueError(f"softcap: the {ATTENTION_NAME!r} attention has no logit soft-capping "
+                         f"(got {softcap!r}); use the model's own attention with MiniCacheHF")
     mark = getattr(key, _MARK, None)
     if mark is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     owner, layer_idx = mark
-    # decode_attention has no logit soft-capping and no sliding window: such layers restore.
-    plain = (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
-             and getattr(module, "attn_logit_softcapping", None) is None)
+    k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
+    # decode_attention has no sliding window: such layers restore. It takes one dtype: under
+    # autocast, RoPE can leave q and k in float32 beside bfloat16 values, and such steps
+    # restore too (sdpa then runs in autocast's dtype, as it would over a dense cache).
+    plain = (kwargs.get("sliding_window") is None
+             and query.dtype == k_pair.dtype == v_pair.dtype)
     # decode_attention is not differentiable and has no dropout: training steps restore.
     inference = dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
     if plain and inference and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
-        k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
                              v_tail=v_extra, sm_scale=scaling)
         owner.fused_steps += 1
@@ -346,7 +381,18 @@ def register_attention() -> None:
 
 
 def use_minitriton_attention(model):
-    """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers)."""
+    """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers).
+
+    A model with logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2) is refused:
+    neither sdpa nor `decode_attention` computes it (MiniCacheHF itself works with the
+    model's own attention)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"model: its attention soft-caps logits (attn_logit_softcapping="
+                         f"{softcap!r}), which the {ATTENTION_NAME!r} attention does not; use "
+                         f"MiniCacheHF with the model's own attention")
     register_attention()
     try:
         model.set_attn_implementation(ATTENTION_NAME)

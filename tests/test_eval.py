@@ -136,9 +136,11 @@ def test_cli_evaluates_a_given_plan_with_any_configs(model, tmp_path):
     assert list(_configs(model, SimpleNamespace(plan=None, configs=None)))[0] == "full"
     with pytest.raises(SystemExit, match="'custom' is the plan given by --plan"):
         _configs(model, SimpleNamespace(plan=None, configs="full,custom"))
+    with pytest.raises(SystemExit, match=f"--plan: not a plan for this {L}-layer model"):
+        _configs(model, SimpleNamespace(plan=f"[[{L}, {L + 1}]]", configs=None))
 
 
-def test_cli_checks_config_names_before_loading_the_model(monkeypatch):
+def test_cli_checks_config_names_before_loading_the_model(monkeypatch, tmp_path):
     from minitriton import cli
     from minitriton.calibrate import SHIPPED_PLANS
     from minitriton.evaluate import DEFAULT_CONFIGS
@@ -156,6 +158,14 @@ def test_cli_checks_config_names_before_loading_the_model(monkeypatch):
         cli.main(["eval", "--configs", "custom"])
     with pytest.raises(Loaded):   # every name the embedded model's eval knows gets through
         cli.main(["eval", "--configs", ",".join((*DEFAULT_CONFIGS, *SHIPPED_PLANS))])
+    plan = tmp_path / "plan.json"
+    plan.write_text("[[40, 41]]")                 # a valid plan, not for a 30-layer model
+    with pytest.raises(SystemExit, match="--plan: not a plan for this 30-layer model: pair "
+                                         r"\(40, 41\): layer 41 is out of range"):
+        cli.main(["eval", "--plan", str(plan)])
+    plan.write_text("[[28, 29]]")
+    with pytest.raises(Loaded):
+        cli.main(["eval", "--plan", str(plan)])
     assert SHIPPED_PLANS == ("calibrated", "calibrated-matched")
     assert tuple(default_configs(L)) == DEFAULT_CONFIGS
 

@@ -166,8 +166,82 @@ def test_bad_batch_edits_and_layers_are_named(model):
         assert torch.equal(cache.core.get(3)[0], before)
     cache.reorder_cache([1, 0])                               # a list of rows is fine
     assert torch.equal(cache.core.get(3)[0], before[[1, 0]])
-    cache.reorder_cache([])                                   # and so is an empty one
+    n = cache.get_seq_length()
+    for edit, exc, match in ((lambda: cache.crop(-2.5), TypeError, "n: expected an int"),
+                             (lambda: cache.crop("3"), TypeError, "n: expected an int"),
+                             (lambda: cache.get_seq_length("3"), TypeError, "layer_idx: "),
+                             (lambda: cache.get_seq_length(-L - 1), ValueError, "layer_idx: ")):
+        with pytest.raises(exc, match=match):
+            edit()
+    assert cache.get_seq_length() == n
+    assert cache.get_seq_length(-1) == cache.get_seq_length(L - 1) == n   # (as DynamicCache)
+    assert cache.get_seq_length(L) == 0
+    cache.reorder_cache([])                                   # an empty list of rows is fine
     assert cache.core.batch_size() == 0
+    with pytest.raises(TypeError, match="fused_decode: expected a bool, got str"):
+        MiniCacheHF(model.config, fused_decode="no")
+
+
+def test_is_initialized_after_the_first_forward(model):
+    cache = MiniCacheHF(model.config, window=2)
+    assert not cache.is_initialized
+    with torch.no_grad():
+        model(input_ids=_ids(5), **cache_kwargs(model, cache))
+    assert cache.is_initialized
+    cache.reset()
+    assert not cache.is_initialized
+
+
+def test_fused_decode_under_autocast(model):
+    """Under autocast, RoPE leaves q and k in float32 beside bfloat16 values: such steps attend
+    through restore + sdpa (decode_attention takes one dtype) and generate what the cache does
+    without the fused decode; steps with one dtype run fused."""
+    ids = _ids(20, seed=8)
+    cfg = model.config._attn_implementation
+    outs, caches = [], []
+    try:
+        for fused in (False, True):
+            if fused:
+                use_minitriton_attention(model)
+            cache = MiniCacheHF(model.config, window=2)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(_generate(model, ids, cache, n=6))
+            caches.append(cache)
+            mk, mv = cache.core.merged_pairs(3)
+            assert (mk.dtype, mv.dtype) == (torch.float32, torch.bfloat16)
+        assert torch.equal(outs[1], outs[0])
+        assert caches[1].fused_steps == 0
+        assert [caches[1].get_seq_length(i) for i in range(L)] == [25] * L
+        fused = MiniCacheHF(model.config, window=2)           # one dtype: fused
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            _generate(model, ids, fused, n=3)
+        assert fused.fused_steps == 2 * 2
+    finally:
+        model.set_attn_implementation(cfg)
+
+
+def test_soft_capped_models_are_refused():
+    """Neither sdpa nor decode_attention soft-caps logits: use_minitriton_attention refuses a
+    model that does (MiniCacheHF works with its own attention), and so does the attention
+    function if it is set by hand."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from minitriton.hf import minitriton_attention
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, attn_logit_softcapping=50.0)
+    gemma = Gemma2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+        use_minitriton_attention(gemma)
+    q = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="softcap: the 'minitriton' attention"):
+        minitriton_attention(gemma.model.layers[0].self_attn, q, q, q, None, softcap=50.0)
+    ids = _ids(6) % 64
+    with torch.no_grad():                                     # the cache with its own attention
+        cache = MiniCacheHF(config, [(0, 1)], window=2)
+        gemma(input_ids=ids, **cache_kwargs(gemma, cache))
+    assert cache.get_seq_length() == 6
 
 
 def test_configs_without_a_layer_count_are_named():
