@@ -43,6 +43,19 @@ def _retained_index(slot: torch.Tensor, num_kept: int,
     return pos // S, pos % S
 
 
+def _weighted_rows(w: torch.Tensor, e: torch.Tensor, unused=None) -> torch.Tensor:
+    """w @ e, float32 `[B, H, G, D]` (w `[B, H, G, S]`, e `[B, H, S, D]`), with the rows of e
+    marked `unused` (bool `[B, H, S]`, whose weights are 0) read as 0: a copy of e, which a
+    CPU makes only when the plain product is not finite."""
+    o = None
+    for sl, e32 in upcast_chunks(e):
+        if unused is not None:
+            e32 = e32.masked_fill(unused[:, :, sl, None], 0.0)
+        part = torch.matmul(w[..., sl], e32)
+        o = part if o is None else o.add_(part)
+    return o
+
+
 def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer: str,
                            k_tail, v_tail, seq_lens, tail_lens, sm_scale: float):
     """(o [B, Hq, D] in q.dtype, lse [B, Hq] float32). Arguments are validated by the caller."""
@@ -74,24 +87,30 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
                             float("-inf"))
         m = torch.maximum(s.amax(-1), st.amax(-1)) if S else st.amax(-1)     # [B, H, G]
     else:
-        m = s.amax(-1) if S else torch.full((B, H, G), float("-inf"), device=dev)
+        m = s.amax(-1) if S else torch.full((B, H, G), float("-inf"), dtype=f32, device=dev)
     # A row with no token keeps m = -inf: shift by 0 so that exp gives 0 rather than NaN.
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
     p = s.sub_(m.unsqueeze(-1)).exp_()                                       # [B, H, G, S]
     den = p.sum(-1)
 
-    # Values: (p * mag_v) @ e_v, with the retained tokens' terms swapped for p * kept.
+    # Values: (p * mag_v) @ e_v, with the retained tokens' terms swapped for p * kept. Rows
+    # past a length, and retained rows' e, are never used but may hold anything (a NaN in a
+    # preallocated buffer): their weight is 0, and 0 * NaN would be NaN.
     mag_v, kept_v = _layer_parts(v, layer)
+    unused = None                                                            # [B, H, S]
+    if seq_lens is not None:
+        unused = torch.arange(S, device=dev) >= seq_lens.view(B, 1, 1)
+        mag_v = mag_v.masked_fill(unused, 0.0)
     pm = p * mag_v.unsqueeze(2)
     if kept_v.shape[0]:
         bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0], dev.type != "cpu")
         p_ret = p.view(B * H, G, S)[bh_v, :, pos_v]                          # [N, G]
         pm.view(B * H, G, S)[bh_v, :, pos_v] = 0.0
-    o = None                                                                 # [B, H, G, D]
-    for sl, e32 in upcast_chunks(v.e):
-        part = torch.matmul(pm[..., sl], e32)
-        o = part if o is None else o.add_(part)
+        unused = v.slot >= 0 if unused is None else unused | (v.slot >= 0)
+    o = _weighted_rows(pm, v.e, None if dev.type == "cpu" else unused)
+    if unused is not None and dev.type == "cpu" and not bool(torch.isfinite(o).all()):
+        o = _weighted_rows(pm, v.e, unused)   # (no host synchronisation to ask, on a CPU)
     # Rows past a length have weight 0 but may hold anything (a retained NaN, padding): they
     # are zeroed, since 0 * NaN would be NaN.
     if kept_v.shape[0]:

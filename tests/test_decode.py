@@ -148,6 +148,24 @@ def test_empty_cache(backend, device):
     assert (o == 0).all() and torch.isneginf(lse).all()
 
 
+def test_default_dtype_does_not_leak(backend, device):
+    """Outputs keep their documented dtypes whatever torch's default dtype is."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for S, T in ((0, 0), (5, 0), (0, 3), (5, 3)):
+            x = torch.randn(1, 1, S, 16, dtype=torch.float32, device=device)
+            tail = torch.randn(1, 1, T, 16, dtype=torch.float32, device=device)
+            m = minitriton.merge(x, x.flip(-1))
+            assert {t.dtype for t in (m.mag_prev, m.mag_cur, m.d_min, m.d_max)} == {torch.float32}
+            o, lse = decode_attention(torch.randn(1, 2, 16, dtype=torch.float32, device=device),
+                                      m, m, layer="cur", k_tail=tail, v_tail=tail,
+                                      return_lse=True)
+            assert (o.dtype, lse.dtype) == (torch.float32, torch.float32), (S, T)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_projection_magnitudes(backend, device):
     """magnitude="projection" stores signed coefficients: used as they are."""
     c = Case(B=2, H=2, G=2, S=29, T=3, D=48, dtype=torch.float32, device=device,
@@ -331,6 +349,35 @@ def test_non_finite_rows_past_the_lengths(backend, device):
                                               minitriton.restore(v, layer), kt, vt, seq_lens,
                                               tail_lens)
         check_output(o, lse, o_ref, lse_ref, q, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
+def test_unused_rows_may_hold_anything(backend, device, dtype):
+    """What a pair holds where decode never looks (e and magnitudes past seq_lens, as in a
+    preallocated pair filled up to the lengths; e at retained tokens, which use their
+    originals) does not reach the output: NaN there gives the same result as clean rows."""
+    import dataclasses
+
+    c = Case(B=2, H=2, G=2, S=21, T=0, D=32, dtype=dtype, device=device, gamma=0.4)
+    seq_lens = i32([13, 21], device)
+    assert c.k.retained.any() and c.v.retained.any()
+    want = c.run("cur", tail=False, seq_lens=seq_lens)
+    past = torch.arange(21, device=device) >= seq_lens.view(2, 1, 1)
+    bad = {}
+    for name, m in (("k", c.k), ("v", c.v)):
+        e = m.e.clone()
+        e[past | m.retained] = float("nan")
+        bad[name] = dataclasses.replace(m, e=e, mag_cur=m.mag_cur.masked_fill(past, float("inf")),
+                                        mag_prev=m.mag_prev.masked_fill(past, float("nan")))
+    for layer in ("prev", "cur"):
+        o, lse = decode_attention(c.q, bad["k"], bad["v"], layer=layer, seq_lens=seq_lens,
+                                  return_lse=True)
+        o_ref, lse_ref = decode_attention(c.q, c.k, c.v, layer=layer, seq_lens=seq_lens,
+                                          return_lse=True)
+        assert torch.isfinite(o).all(), layer
+        assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref), layer
+    assert torch.equal(want[0], decode_attention(c.q, bad["k"], bad["v"], layer="cur",
+                                                 seq_lens=seq_lens))
 
 
 @example(B=2, H=2, G=3, S=40, T=5, D=80, dtype=torch.bfloat16, layer="prev", ragged=True,
