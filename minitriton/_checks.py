@@ -16,14 +16,21 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 def check_tensor(name: str, x, ndim: int | None = None, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)}")
-    if x.layout != torch.strided:
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected one of {names})")
     return x
+
+
+def check_dense(name: str, x: torch.Tensor) -> None:
+    """A dense (strided) tensor: not sparse, mkldnn or nested."""
+    if x.is_nested:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
 
 
 def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor,
@@ -66,7 +73,13 @@ def check_real(name: str, v, what: str = "a float") -> float:
         v = v.item()
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:   # e.g. an int or Fraction beyond float's range
+        text = str(v)
+        raise ValueError(f"{name}: expected {what}, got {type(v).__name__} "
+                         f"{text if len(text) <= 40 else text[:37] + '...'} (beyond float's "
+                         f"range)") from None
 
 
 def check_unit_interval(name: str, v) -> float:

@@ -42,7 +42,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         d_range: optional `(d_min, d_max)`, float32 `[B, H]`: angular-distance extremes of
             tokens of the same rows merged earlier (e.g. `(old.d_min, old.d_max)`). The threshold
             then uses the extremes over earlier and new tokens; the result's d_min/d_max too.
-            NaN is refused (on CUDA, where checking would synchronise, it is ignored).
+            Values outside [0, 1], other than a pair's own 2 / -1 for a row with no token that
+            has an angle, are refused on a CPU (on CUDA, where checking would synchronise, a
+            NaN is ignored and other values are used as given).
 
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
@@ -138,10 +140,15 @@ def _check_d_range(d_range, x: torch.Tensor):
             raise ValueError(f"{name}: expected shape {(B, H)}, got {tuple(v.shape)}")
         if v.device != x.device:
             raise ValueError(f"{name}: device {v.device} does not match x_prev's {x.device}")
-        # Extremes are NaN-free (rows without a finite token hold 2 and -1). On CUDA the check
-        # would synchronise: there a NaN counts as no earlier extreme.
-        if v.device.type == "cpu" and v.numel() and bool(torch.isnan(v).any()):
-            raise ValueError(f"{name}: expected angular-distance extremes, got NaN at "
-                             f"{tuple(torch.nonzero(torch.isnan(v))[0].tolist())}")
+        # Extremes are distances in [0, 1], or the start value of a row without a token that
+        # has an angle (2 for d_min, -1 for d_max). On CUDA the check would synchronise: it
+        # runs on CPU tensors (there a NaN counts as no earlier extreme).
+        empty = 2.0 if name == "d_range[0]" else -1.0
+        if v.device.type == "cpu" and v.numel():
+            bad = ~(((v >= 0) & (v <= 1)) | (v == empty))
+            if bool(bad.any()):
+                at = tuple(torch.nonzero(bad)[0].tolist())
+                raise ValueError(f"{name}: expected angular-distance extremes in [0, 1] (or "
+                                 f"{empty:g} for a row with none), got {v[at].item()!r} at {at}")
         out.append(v)
     return tuple(out)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._checks import check_head_dim, check_tensor
+from ._checks import check_dense, check_head_dim, check_tensor
 
 MAGNITUDE_MODES = ("norm", "projection")
 
@@ -204,6 +204,7 @@ def check_pair(name: str, m) -> MergedPair:
         if not isinstance(getattr(m, field), torch.Tensor):
             raise TypeError(f"{name}.{field}: expected a tensor, got "
                             f"{type(getattr(m, field)).__name__}")
+        check_dense(f"{name}.{field}", getattr(m, field))
     if m.e.dim() != 4:
         raise ValueError(f"{name}.e: expected [B, H, S, D], got shape {tuple(m.e.shape)}")
     B, H, S, D = m.e.shape

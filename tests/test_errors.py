@@ -131,8 +131,18 @@ def test_d_range(backend, pair):
             d_range=(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)))
     nan = torch.tensor([[0.1, math.nan]], device=xp.device)
     if xp.device.type == "cpu":
-        _raises(ValueError, r"d_range\[1\]: expected angular-distance extremes, got NaN at "
-                r"\(0, 1\)", minitriton.merge, xp, xc, d_range=(torch.zeros(1, 2), nan))
+        _raises(ValueError, r"d_range\[1\]: expected angular-distance extremes in \[0, 1\] "
+                r"\(or -1 for a row with none\), got nan at \(0, 1\)", minitriton.merge, xp, xc,
+                d_range=(torch.zeros(1, 2), nan))
+        for bad in (math.inf, -math.inf, 1.5, -0.25, 50.0):
+            v = torch.tensor([[0.1, bad]])
+            _raises(ValueError, r"d_range\[0\]: expected .* \(or 2 for a row with none\), got "
+                    f"{bad!r} at \\(0, 1\\)", minitriton.merge, xp, xc, d_range=(v, v))
+        # A pair's own extremes, those of an empty row included, are taken as they are.
+        empty = minitriton.merge(xp[:, :, :0], xc[:, :, :0])
+        assert (empty.d_min == 2).all() and (empty.d_max == -1).all()
+        m = minitriton.merge(xp, xc, d_range=(empty.d_min, empty.d_max))
+        assert torch.equal(m.d_min, minitriton.merge(xp, xc).d_min)
     # Where it is not refused (CUDA), a NaN counts as no earlier extreme.
     from minitriton.kernels.merge import merge_triton
     from minitriton.torch_merge import merge_torch
