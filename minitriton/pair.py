@@ -34,7 +34,7 @@ from ._checks import check_dense, check_head_dim, check_tensor
 MAGNITUDE_MODES = ("norm", "projection")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class MergedPair:
     """The output of `minitriton.merge`: one direction per token pair, two magnitudes, and the
     retained tokens' original states of both layers.
@@ -42,6 +42,10 @@ class MergedPair:
     Attributes (tensors, see the module docstring for the layout): `e`, `mag_prev`, `mag_cur`,
     `slot`, `kept_prev`, `kept_cur`, `d_min`, `d_max`; and the settings `t`, `gamma` and
     `magnitude` ("norm" or "projection").
+
+    `==` is identity (as for tensors, comparing contents is the caller's choice: e.g.
+    `torch.equal` field by field). `torch.save` / `torch.load` work, `weights_only=True` (the
+    default) included: importing minitriton adds the class to torch's safe globals.
 
     Example:
         >>> m = minitriton.merge(k_prev, k_cur, t=0.6, gamma=0.05)
@@ -192,6 +196,11 @@ class MergedPair:
 
 
 _TENSOR_FIELDS = ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min", "d_max")
+
+# torch.load(weights_only=True) rebuilds only allow-listed classes: a MergedPair is tensors,
+# floats and a string, rebuilt without running any code of the file's choosing.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([MergedPair])
 
 
 def check_pair(name: str, m) -> MergedPair:

@@ -162,6 +162,8 @@ def test_sm_scale_number_types():
         assert torch.equal(call(dict(a, sm_scale=scale)), want)
     with pytest.raises(TypeError, match="sm_scale"):
         call(dict(a, sm_scale=torch.tensor([0.25, 0.5])))
+    with pytest.raises(ValueError, match="sm_scale: .* \\(beyond float's range\\)"):
+        call(dict(a, sm_scale=10 ** 400))
 
 
 def test_device_mismatch_of_pair():

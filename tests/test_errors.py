@@ -4,6 +4,8 @@ kernel runs, and writes nothing."""
 from __future__ import annotations
 
 import math
+import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -76,6 +78,14 @@ def test_t_gamma_range(backend, pair, name, value):
     xp, xc = pair
     _raises(ValueError, f"{name}: expected a value in \\[0, 1\\], got", minitriton.merge,
             xp, xc, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["t", "gamma"])
+@pytest.mark.parametrize("value", [10 ** 400, -10 ** 400, Fraction(10 ** 400, 7)])
+def test_t_gamma_beyond_float_range(backend, pair, name, value):
+    xp, xc = pair
+    _raises(ValueError, f"{name}: expected a float in \\[0, 1\\], got .* \\(beyond float's "
+            "range\\)", minitriton.merge, xp, xc, **{name: value})
 
 
 @pytest.mark.parametrize("name", ["t", "gamma"])
@@ -211,6 +221,10 @@ def test_nothing_written_on_error(backend, pair):
     ("slot", lambda m: torch.full_like(m.slot, -1), ValueError, "m.slot: expected -1 .* to -1"),
     ("d_min", lambda m: m.d_min[:, :1], ValueError, r"m.d_min: shape \(1, 1\) does not match"),
     ("kept_cur", lambda m: m.kept_cur[:0], ValueError, "kept_prev .* and kept_cur .* differ"),
+    ("slot", lambda m: m.slot.to_sparse(), TypeError,
+     "m.slot: expected a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+    ("mag_prev", lambda m: m.mag_prev.to_sparse(), TypeError, "m.mag_prev: expected a dense"),
+    ("kept_prev", lambda m: m.kept_prev.to_sparse(), TypeError, "m.kept_prev: expected a dense"),
 ])
 def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
     import dataclasses
@@ -245,6 +259,11 @@ def test_sparse_and_meta_arguments(backend, pair):
             "torch.sparse_coo", minitriton.merge, xp.cpu().to_sparse(), xc.cpu().to_sparse())
     _raises(ValueError, "t: a tensor on the meta device", minitriton.merge, xp, xc,
             t=torch.tensor(0.5, device="meta"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (nested tensors are a prototype)
+        nested = torch.nested.nested_tensor([xp[0, 0].cpu(), xp[0, 0, :2].cpu()])
+    _raises(TypeError, "x_prev: expected a dense \\(strided\\) tensor, got a nested tensor",
+            minitriton.merge, nested, nested)
 
 
 def test_pair_to_arguments(pair):

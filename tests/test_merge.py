@@ -891,3 +891,27 @@ def test_batch_chunked_launches(device, monkeypatch):
     for a, b in zip(minitriton.restore(parts), restore_whole := minitriton.restore(whole)):
         assert torch.equal(a, b)
     assert torch.equal(minitriton.restore(parts, "cur"), restore_whole[1])
+
+
+def test_pair_saves_loads_and_compares(tmp_path):
+    """torch.save / torch.load (weights_only, torch's default, included), pickle and deepcopy
+    give the same pair back; == is identity, so `in` and `index` work on lists of pairs."""
+    import copy
+    import pickle
+
+    x_prev, x_cur = make_pair(1, 2, 9, 16, torch.bfloat16, "cpu", seed=4)
+    m = minitriton.merge(x_prev, x_cur, t=0.3, gamma=0.5, magnitude="projection")
+    assert m.num_retained > 0
+    torch.save(m, tmp_path / "pair.pt")
+    copies = [torch.load(tmp_path / "pair.pt", weights_only=True), pickle.loads(pickle.dumps(m)),
+              copy.deepcopy(m)]
+    for c in copies:
+        assert type(c) is minitriton.MergedPair
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(c.tensors(),
+                                                                          m.tensors()))
+        assert (c.t, c.gamma, c.magnitude) == (m.t, m.gamma, m.magnitude)
+        assert c != m and c == c
+    pairs = [*copies, m]
+    assert m in pairs and pairs.index(m) == 3 and len({m, m, copies[0]}) == 2
+    for a, b in zip(minitriton.restore(copies[0]), minitriton.restore(m)):
+        assert torch.equal(a, b)
