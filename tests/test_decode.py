@@ -403,6 +403,20 @@ def test_matches_reference_drawn(backend, device, B, H, G, S, T, D, dtype, layer
 
 
 # ---- split heuristic -------------------------------------------------------------------------
+def test_d_offsets_that_overflow_int32_are_read_from_a_copy():
+    """The split kernel's offsets along D of e and the retained rows are int32: a view whose
+    D stride would overflow them is copied (shapes only here: meta tensors hold no data)."""
+    from minitriton.kernels.decode import _d_offsets_fit
+
+    D = 128
+    fits = torch.empty_strided((2, 3, 5, D), (0, 0, D, (2 ** 31 - 1) // (D - 1)), device="meta")
+    assert _d_offsets_fit(fits) is fits
+    wide = torch.empty_strided((2, 3, 5, D), (0, 0, D, 2 ** 31 // (D - 1) + 1), device="meta")
+    assert _d_offsets_fit(wide).stride() == (3 * 5 * D, 5 * D, D, 1)
+    kept = torch.empty_strided((7, D), (1, 2 ** 24 + 2 ** 20), device="meta")
+    assert _d_offsets_fit(kept).stride() == (D, 1)
+
+
 def test_split_heuristic():
     from minitriton.kernels.decode import MAX_SPLITS, choose_num_splits
     # Batch 1 at long context spreads over the GPU; a large batch is not split.

@@ -59,6 +59,8 @@ def _merged_tile(E, MAG, SLOT, KEPT, o_n, m_n, o_d, m_d,
     """[BLOCK_N, BLOCK_D] float32 restored rows of one block of merged tokens (0 where masked).
 
     E, MAG, SLOT point at this (b, h) row; KEPT at the retained store of the chosen layer.
+    o_d: offsets along D, int32: the launcher makes sure that o_d * stride fits
+    (`_d_offsets_fit`).
     """
     slot = tl.load(SLOT + o_n * stride_ms, mask=m_n, other=-1)                 # [BLOCK_N]
     mag = tl.load(MAG + o_n * stride_ms, mask=m_n, other=0.0).to(tl.float32)   # [BLOCK_N]
@@ -125,7 +127,8 @@ def _decode_split_kernel(
     o_hq = i_h * G + o_g                                                     # query heads
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
     m_d = o_d < D
-    q = tl.load(Q + i_b * stride_qb + o_hq[:, None] * stride_qh + o_d[None, :] * stride_qd,
+    o_d64 = o_d.to(tl.int64)  # (D offsets times a stride may pass 2^31)
+    q = tl.load(Q + i_b * stride_qb + o_hq[:, None] * stride_qh + o_d64[None, :] * stride_qd,
                 mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
     q = q * sm_scale
 
@@ -168,10 +171,10 @@ def _decode_split_kernel(
             o_n = start + tl.arange(0, BLOCK_N)
             m_n = o_n < t_hi
             m_nd = m_n[:, None] & m_d[None, :]
-            k = tl.load(p_kt + o_n[:, None] * stride_kts + o_d[None, :] * stride_ktd,
+            k = tl.load(p_kt + o_n[:, None] * stride_kts + o_d64[None, :] * stride_ktd,
                         mask=m_nd, other=0.0).to(tl.float32)                 # [BLOCK_N, BLOCK_D]
             s = _scores(q, k, m_n)
-            v = tl.load(p_vt + o_n[:, None] * stride_vts + o_d[None, :] * stride_vtd,
+            v = tl.load(p_vt + o_n[:, None] * stride_vts + o_d64[None, :] * stride_vtd,
                         mask=m_nd, other=0.0).to(tl.float32)
             m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc)
 
@@ -222,7 +225,7 @@ def _decode_reduce_kernel(
     o = tl.where(has, acc / tl.where(has, l_run, 1.0), 0.0)
     lse = tl.where(has, m_run + tl.math.log2(tl.where(has, l_run, 1.0)) * _LN2, float("-inf"))
     # (o is a weighted mean of restored values: beyond a half dtype's range it saturates)
-    tl.store(O + i_b * stride_ob + i_h * stride_oh + o_d * stride_od,
+    tl.store(O + i_b * stride_ob + i_h * stride_oh + o_d.to(tl.int64) * stride_od,
              saturate(o, OUT_MAX).to(O.dtype.element_ty), mask=m_d)
     tl.store(LSE + i_b * stride_lb + i_h * stride_lh, lse)
 
@@ -297,6 +300,16 @@ def _check_interpreter_loops():
             "cannot run loops whose bounds are known at run time under numpy 2.4")
 
 
+def _d_offsets_fit(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy when its offsets along D overflow int32. The split kernel
+    reads e and the retained rows with int32 offsets along D (int64 ones there cost registers
+    and spills): enough for any pair from `merge` (D stride 1); only a hand-built view with a
+    D stride above 2^31 / (D - 1) is copied."""
+    if x.stride(-1) * (x.shape[-1] - 1) < 2 ** 31:
+        return x
+    return x.contiguous()
+
+
 def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale,
                             num_splits=None, *, out=None, lse=None, workspace=None):
     """Launch the split and reduce kernels. Arguments are validated by the caller.
@@ -348,6 +361,7 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
 
     mag_k, kept_k = _layer_parts(k, layer)
     mag_v, kept_v = _layer_parts(v, layer)
+    e_k, e_v, kept_k, kept_v = map(_d_offsets_fit, (k.e, v.e, kept_k, kept_v))
     # mag and slot are read with one set of strides; a MergedPair holds them contiguous.
     slot_k, slot_v = k.slot, v.slot
     if mag_k.stride() != slot_k.stride():
@@ -363,12 +377,12 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
 
     grid = (B * H * num_gb, num_splits)
     _decode_split_kernel[grid](
-        q, k.e, mag_k, slot_k, kept_k, v.e, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
+        q, e_k, mag_k, slot_k, kept_k, e_v, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
         workspace,
         sm_scale, S, T, chunk, G, H, num_gb, D,
         *q.stride(),
-        *k.e.stride(), *mag_k.stride(), *kept_k.stride(),
-        *v.e.stride(), *mag_v.stride(), *kept_v.stride(),
+        *e_k.stride(), *mag_k.stride(), *kept_k.stride(),
+        *e_v.stride(), *mag_v.stride(), *kept_v.stride(),
         *kt_strides, *vt_strides,
         workspace.stride(0), workspace.stride(1), workspace.stride(2),
         HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,

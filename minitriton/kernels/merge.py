@@ -75,11 +75,12 @@ def _merge_kernel(
     i_bh = i_b * H + i_h
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
+    o_d64 = o_d.to(tl.int64)  # (D offsets times a stride may pass 2^31)
     m_s = o_s < S
     m_sd = m_s[:, None] & (o_d[None, :] < D)                                 # [BLOCK_S, BLOCK_D]
 
-    p_xp = xp_ptr + i_b * sp_b + i_h * sp_h + o_s[:, None] * sp_s + o_d[None, :] * sp_d
-    p_xc = xc_ptr + i_b * sc_b + i_h * sc_h + o_s[:, None] * sc_s + o_d[None, :] * sc_d
+    p_xp = xp_ptr + i_b * sp_b + i_h * sp_h + o_s[:, None] * sp_s + o_d64[None, :] * sp_d
+    p_xc = xc_ptr + i_b * sc_b + i_h * sc_h + o_s[:, None] * sc_s + o_d64[None, :] * sc_d
     b_xp = tl.load(p_xp, mask=m_sd, other=0.0).to(tl.float32)               # [BLOCK_S, BLOCK_D]
     b_xc = tl.load(p_xc, mask=m_sd, other=0.0).to(tl.float32)
 
@@ -170,12 +171,13 @@ def _gather_kernel(
     i_r = tl.program_id(0).to(tl.int64)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)                              # [BLOCK_R]
     o_d = tl.arange(0, BLOCK_D)
+    o_d64 = o_d.to(tl.int64)  # (D offsets times a stride may pass 2^31)
     m_r = o_r < N
     m_rd = m_r[:, None] & (o_d[None, :] < D)
     tok = tl.load(idx_ptr + o_r, mask=m_r, other=0)
     i_b, i_h, i_s = tok // (H * S), (tok // S) % H, tok % S
-    p_xp = xp_ptr + (i_b * sp_b + i_h * sp_h + i_s * sp_s)[:, None] + o_d[None, :] * sp_d
-    p_xc = xc_ptr + (i_b * sc_b + i_h * sc_h + i_s * sc_s)[:, None] + o_d[None, :] * sc_d
+    p_xp = xp_ptr + (i_b * sp_b + i_h * sp_h + i_s * sp_s)[:, None] + o_d64[None, :] * sp_d
+    p_xc = xc_ptr + (i_b * sc_b + i_h * sc_h + i_s * sc_s)[:, None] + o_d64[None, :] * sc_d
     # A plain copy in the input dtype: the store must be bit-exact.
     tl.store(kp_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xp, mask=m_rd), mask=m_rd)
     tl.store(kc_ptr + o_r[:, None] * D + o_d[None, :], tl.load(p_xc, mask=m_rd), mask=m_rd)

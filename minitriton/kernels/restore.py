@@ -39,18 +39,19 @@ def _restore_kernel(
     i_bh = i_b * H + i_h
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)                              # [BLOCK_S]
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
+    o_d64 = o_d.to(tl.int64)  # (D offsets times a stride may pass 2^31)
     m_s = o_s < S
     m_sd = m_s[:, None] & (o_d[None, :] < D)
     o_tok = i_bh * S + o_s
 
-    p_e = e_ptr + i_b * se_b + i_h * se_h + o_s[:, None] * se_s + o_d[None, :] * se_d
+    p_e = e_ptr + i_b * se_b + i_h * se_h + o_s[:, None] * se_s + o_d64[None, :] * se_d
     b_e = tl.load(p_e, mask=m_sd, other=0.0)
     b_e = b_e.to(tl.float32)                                                 # [BLOCK_S, BLOCK_D]
     slot = tl.load(slot_ptr + o_tok, mask=m_s, other=-1).to(tl.int64)
     kept = slot >= 0
     m_kd = m_sd & kept[:, None]
     p_k = o_d[None, :] + tl.where(kept, slot, 0)[:, None] * D
-    p_o = i_b * so_b + i_h * so_h + o_s[:, None] * so_s + o_d[None, :] * so_d
+    p_o = i_b * so_b + i_h * so_h + o_s[:, None] * so_s + o_d64[None, :] * so_d
     out_ty = op_ptr.dtype.element_ty
     # Originals stay in their dtype (no float32 round trip): bit-exact by construction. A
     # restored value beyond a half dtype's range (|x| above its largest number) saturates.
