@@ -354,15 +354,15 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     owner, layer_idx = mark
-    k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
+    mk, mv = owner.core.merged_pairs(layer_idx)
     # decode_attention has no sliding window: such layers restore. It takes one dtype: under
     # autocast, RoPE can leave q and k in float32 beside bfloat16 values, and such steps
     # restore too (sdpa then runs in autocast's dtype, as it would over a dense cache).
-    plain = (kwargs.get("sliding_window") is None
-             and query.dtype == k_pair.dtype == v_pair.dtype)
+    plain = kwargs.get("sliding_window") is None and query.dtype == mk.dtype == mv.dtype
     # decode_attention is not differentiable and has no dropout: training steps restore.
     inference = dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
     if plain and inference and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
+        k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
                              v_tail=v_extra, sm_scale=scaling)
         owner.fused_steps += 1

@@ -43,8 +43,7 @@ class MergedPair:
     `slot`, `kept_prev`, `kept_cur`, `d_min`, `d_max`; and the settings `t`, `gamma` and
     `magnitude` ("norm" or "projection").
 
-    `==` is identity (as for tensors, comparing contents is the caller's choice: e.g.
-    `torch.equal` field by field). `torch.save` / `torch.load` work, `weights_only=True` (the
+    `==` compares identity (compare contents field by field, e.g. with `torch.equal`). `torch.save` / `torch.load` work, `weights_only=True` (the
     default) included: importing minitriton adds the class to torch's safe globals.
 
     Example:

@@ -30,6 +30,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # and 3.9. The others compile every config too, with 8-64 byte spills in 4-15 of them (3.2-3.4,
 # 3.7, 3.8), which are printed but not a failure.
 SPILL_FREE = {(3, 5), (3, 6), (3, 9)}
+# Builds whose spills are printed but never a failure: decode's WIDE_D (int64 offsets along D
+# for e and the retained rows), which only a hand-built view of a pair with a D stride above
+# 2^31 / (D - 1) launches.
+SPILLS_TOLERATED = re.compile(r"_wideD$")
 
 
 def spills_checked() -> bool:
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     import triton
 
     strict = spills_checked()
-    failed = spilled = 0
+    failed = spilled = tolerated = 0
     print(f"{'kernel/config':58s} {'target':7s} {'regs':>5s} {'smem':>6s} {'spill':>5s} "
           f"{'stack':>5s}")
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -129,12 +133,15 @@ def main(argv=None) -> int:
                 print(f"{name:58s} sm_{cc:<4d} FAILED {err}")
                 continue
             spill = usage["SPILL_ST"] + usage["SPILL_LD"]
-            spilled += bool(spill)
+            ok = bool(spill) and bool(SPILLS_TOLERATED.search(name))
+            spilled += bool(spill) and not ok
+            tolerated += ok
             print(f"{name:58s} sm_{cc:<4d} {usage['REG']:5d} {usage['SMEM']:6d} "
                   f"{spill:5d} {usage['STACK']:5d}"
-                  + ("  SPILLS" if spill else ""))
+                  + ("  spills (tolerated)" if ok else "  SPILLS" if spill else ""))
     print(f"{len(jobs)} compiles, {failed} failed, {spilled} spilled (triton {triton.__version__}"
-          f"{'' if strict else '; spills are checked with triton 3.5, 3.6 and 3.9'})")
+          f"{'' if strict else '; spills are checked with triton 3.5, 3.6 and 3.9'}; "
+          f"{tolerated} tolerated spills in WIDE_D builds)")
     return 1 if failed or (spilled and strict) else 0
 
 

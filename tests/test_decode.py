@@ -403,18 +403,26 @@ def test_matches_reference_drawn(backend, device, B, H, G, S, T, D, dtype, layer
 
 
 # ---- split heuristic -------------------------------------------------------------------------
-def test_d_offsets_that_overflow_int32_are_read_from_a_copy():
-    """The split kernel's offsets along D of e and the retained rows are int32: a view whose
-    D stride would overflow them is copied (shapes only here: meta tensors hold no data)."""
-    from minitriton.kernels.decode import _d_offsets_fit
+def test_wide_d_offsets(device, monkeypatch):
+    """The split kernel reads e and the retained rows with int32 offsets along D unless one
+    of them has a D stride that would overflow those (WIDE_D, int64 offsets; shapes only
+    here: such views need more than 2^31 elements). The WIDE_D build gives the same result."""
+    from minitriton.kernels import decode as kd
 
     D = 128
     fits = torch.empty_strided((2, 3, 5, D), (0, 0, D, (2 ** 31 - 1) // (D - 1)), device="meta")
-    assert _d_offsets_fit(fits) is fits
     wide = torch.empty_strided((2, 3, 5, D), (0, 0, D, 2 ** 31 // (D - 1) + 1), device="meta")
-    assert _d_offsets_fit(wide).stride() == (3 * 5 * D, 5 * D, D, 1)
     kept = torch.empty_strided((7, D), (1, 2 ** 24 + 2 ** 20), device="meta")
-    assert _d_offsets_fit(kept).stride() == (D, 1)
+    small = torch.empty((7, D), device="meta")
+    assert not kd.wide_d(fits, small) and kd.wide_d(fits, wide) and kd.wide_d(small, kept)
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    c = Case(B=2, H=2, G=3, S=19, T=4, D=48, dtype=torch.bfloat16, device=device, gamma=0.4)
+    seq_lens = i32([19, 11], device)
+    want = c.check("prev", seq_lens=seq_lens, num_splits=2)
+    monkeypatch.setattr(kd, "wide_d", lambda *xs: True)
+    got = c.check("prev", seq_lens=seq_lens, num_splits=2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_split_heuristic():

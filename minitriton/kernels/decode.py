@@ -25,6 +25,7 @@ launches, so the launcher can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -59,8 +60,7 @@ def _merged_tile(E, MAG, SLOT, KEPT, o_n, m_n, o_d, m_d,
     """[BLOCK_N, BLOCK_D] float32 restored rows of one block of merged tokens (0 where masked).
 
     E, MAG, SLOT point at this (b, h) row; KEPT at the retained store of the chosen layer.
-    o_d: offsets along D, int32: the launcher makes sure that o_d * stride fits
-    (`_d_offsets_fit`).
+    o_d: offsets along D (int64 with WIDE_D, see the split kernel).
     """
     slot = tl.load(SLOT + o_n * stride_ms, mask=m_n, other=-1)                 # [BLOCK_N]
     mag = tl.load(MAG + o_n * stride_ms, mask=m_n, other=0.0).to(tl.float32)   # [BLOCK_N]
@@ -112,9 +112,13 @@ def _decode_split_kernel(
     stride_vtb, stride_vth, stride_vts, stride_vtd,
     stride_wb, stride_wh, stride_ws,
     HAS_TAIL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, WIDE_D: tl.constexpr,
 ):
-    """Program (kv head b*H+h, group block, split): partial softmax over `chunk` tokens."""
+    """Program (kv head b*H+h, group block, split): partial softmax over `chunk` tokens.
+
+    WIDE_D: e or the retained rows have a D stride such that D offsets times it pass 2^31
+    (only a hand-built view of a pair can): their offsets along D are then int64, which costs
+    registers, so the usual build keeps int32 ones there."""
     i_bhg = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_gb = i_bhg % NUM_GB
@@ -128,6 +132,10 @@ def _decode_split_kernel(
     o_d = tl.arange(0, BLOCK_D)                                              # [BLOCK_D]
     m_d = o_d < D
     o_d64 = o_d.to(tl.int64)  # (D offsets times a stride may pass 2^31)
+    if WIDE_D:
+        o_dt = o_d64
+    else:
+        o_dt = o_d
     q = tl.load(Q + i_b * stride_qb + o_hq[:, None] * stride_qh + o_d64[None, :] * stride_qd,
                 mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
     q = q * sm_scale
@@ -152,11 +160,11 @@ def _decode_split_kernel(
     for start in range(lo, end, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)                                  # [BLOCK_N]
         m_n = o_n < end
-        k = _merged_tile(p_ek, p_mk, p_sk, KEPTK, o_n, m_n, o_d, m_d,
+        k = _merged_tile(p_ek, p_mk, p_sk, KEPTK, o_n, m_n, o_dt, m_d,
                          stride_eks, stride_ekd, stride_mks, stride_kkn, stride_kkd)
         s = _scores(q, k, m_n)
         # V after the scores: the K and V tiles are then never live together (registers).
-        v = _merged_tile(p_ev, p_mv, p_sv, KEPTV, o_n, m_n, o_d, m_d,
+        v = _merged_tile(p_ev, p_mv, p_sv, KEPTV, o_n, m_n, o_dt, m_d,
                          stride_evs, stride_evd, stride_mvs, stride_kvn, stride_kvd)
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc)
 
@@ -300,14 +308,10 @@ def _check_interpreter_loops():
             "cannot run loops whose bounds are known at run time under numpy 2.4")
 
 
-def _d_offsets_fit(x: torch.Tensor) -> torch.Tensor:
-    """x, or a contiguous copy when its offsets along D overflow int32. The split kernel
-    reads e and the retained rows with int32 offsets along D (int64 ones there cost registers
-    and spills): enough for any pair from `merge` (D stride 1); only a hand-built view with a
-    D stride above 2^31 / (D - 1) is copied."""
-    if x.stride(-1) * (x.shape[-1] - 1) < 2 ** 31:
-        return x
-    return x.contiguous()
+def wide_d(*xs: torch.Tensor) -> bool:
+    """Whether offsets along D times the D stride of any of `xs` pass int32 (the split
+    kernel's WIDE_D): never for a pair from `merge` (D stride 1)."""
+    return any(x.stride(-1) * (x.shape[-1] - 1) >= 2 ** 31 for x in xs)
 
 
 def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale,
@@ -361,7 +365,6 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
 
     mag_k, kept_k = _layer_parts(k, layer)
     mag_v, kept_v = _layer_parts(v, layer)
-    e_k, e_v, kept_k, kept_v = map(_d_offsets_fit, (k.e, v.e, kept_k, kept_v))
     # mag and slot are read with one set of strides; a MergedPair holds them contiguous.
     slot_k, slot_v = k.slot, v.slot
     if mag_k.stride() != slot_k.stride():
@@ -377,15 +380,16 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
 
     grid = (B * H * num_gb, num_splits)
     _decode_split_kernel[grid](
-        q, e_k, mag_k, slot_k, kept_k, e_v, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
+        q, k.e, mag_k, slot_k, kept_k, v.e, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
         workspace,
         sm_scale, S, T, chunk, G, H, num_gb, D,
         *q.stride(),
-        *e_k.stride(), *mag_k.stride(), *kept_k.stride(),
-        *e_v.stride(), *mag_v.stride(), *kept_v.stride(),
+        *k.e.stride(), *mag_k.stride(), *kept_k.stride(),
+        *v.e.stride(), *mag_v.stride(), *kept_v.stride(),
         *kt_strides, *vt_strides,
         workspace.stride(0), workspace.stride(1), workspace.stride(2),
         HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+        WIDE_D=wide_d(k.e, v.e, kept_k, kept_v),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_reduce_kernel[(B * Hq,)](
@@ -406,7 +410,9 @@ def aot_specs() -> list:
     compiled with `triton.compile(ASTSource(jit_fn, signature, constexprs),
     target=GPUTarget("cuda", cc, 32), options=dict(num_warps=..., num_stages=...))`.
     The configs are those the launcher picks on a GPU: every cache dtype, every BLOCK_D
-    (D in [16, 256]), with and without a tail; the reduce kernel per dtype and BLOCK_D.
+    (D in [16, 256]), with and without a tail, and the WIDE_D build of each (named "_wideD":
+    only hand-built views of a pair need it, and a few bytes of spills there are tolerated);
+    the reduce kernel per dtype and BLOCK_D.
     """
     split_args = [a for a in _decode_split_kernel.arg_names]
     reduce_args = [a for a in _decode_reduce_kernel.arg_names]
@@ -415,7 +421,7 @@ def aot_specs() -> list:
         ty = torch_to_tl_dtype(dtype)
         for bd in _GPU_CONFIGS:
             cfg = _gpu_config(bd)
-            for has_tail in (False, True):
+            for has_tail, wide in itertools.product((False, True), (False, True)):
                 sig = {}
                 for a in split_args:
                     if a in ("Q", "EK", "KEPTK", "EV", "KEPTV", "KT", "VT"):
@@ -426,13 +432,14 @@ def aot_specs() -> list:
                         sig[a] = "*i32"
                     elif a == "sm_scale":
                         sig[a] = "fp32"
-                    elif a in ("HAS_TAIL", "BLOCK_G", "BLOCK_N", "BLOCK_D"):
+                    elif a in ("HAS_TAIL", "BLOCK_G", "BLOCK_N", "BLOCK_D", "WIDE_D"):
                         sig[a] = "constexpr"
                     else:
                         sig[a] = "i32"
                 consts = dict(HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_D=bd)
-                name = f"decode_split_{ty}_d{bd}_n{cfg['BLOCK_N']}" + ("_tail" if has_tail else "")
+                              BLOCK_D=bd, WIDE_D=wide)
+                name = (f"decode_split_{ty}_d{bd}_n{cfg['BLOCK_N']}" + ("_tail" if has_tail else "")
+                        + ("_wideD" if wide else ""))
                 specs.append((name, _decode_split_kernel, sig, consts, cfg["num_warps"],
                               cfg["num_stages"]))
             sig = {}
