@@ -350,7 +350,10 @@ def test_tuning_leaves_no_row_extremes_behind(device, monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
     from minitriton.kernels import merge as km
+    from minitriton.kernels.common import version
 
+    if device.type == "cpu" and version(triton.__version__) < (3, 3):
+        pytest.skip("triton 3.2's interpreter refuses the launch options the Autotuner passes")
     monkeypatch.setenv("MINITRITON_BACKEND", "triton")
     seen = []
 
