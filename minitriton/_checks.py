@@ -90,10 +90,23 @@ def check_unit_interval(name: str, v) -> float:
     return v
 
 
+def check_int(name: str, v, what: str = "an int") -> int:
+    """An integer (Python or numpy; not a bool), returned as int."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def check_bool(name: str, v) -> bool:
+    """A bool (Python or numpy), returned as bool."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+    return bool(v)
+
+
 def check_index(name: str, v, what: str = "an int", low: int = 0) -> int:
     """An integer >= low (Python or numpy; not a bool), returned as int."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected {what} >= {low}, got {type(v).__name__} {v!r}")
+    v = check_int(name, v, f"{what} >= {low}")
     if v < low:
         raise ValueError(f"{name}: expected {what} >= {low}, got {v!r}")
     return int(v)

@@ -44,13 +44,12 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from ._checks import check_has_data, check_head_dim, check_index, check_tensor
+from ._checks import check_has_data, check_head_dim, check_index, check_int, check_tensor
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -269,8 +268,7 @@ class MiniCache:
     # ---- writes ----
     def _check_layer(self, layer, name: str = "layer") -> int:
         """A layer index in [0, num_layers), as int; errors name the argument `name`."""
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise TypeError(f"{name}: expected an int, got {type(layer).__name__} {layer!r}")
+        layer = check_int(name, layer)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"{name}: expected an int in [0, {self.num_layers}), got "
                              f"{layer!r}")

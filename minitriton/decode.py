@@ -7,12 +7,11 @@ CUDA tensors or TRITON_INTERPRET=1) or to the torch path (`minitriton.torch_deco
 from __future__ import annotations
 
 import math
-import numbers
 
-import numpy as np
 import torch
 
-from ._checks import check_has_data, check_head_dim, check_real, check_same, check_tensor
+from ._checks import (check_bool, check_has_data, check_head_dim, check_int, check_real,
+                      check_same, check_tensor)
 from .backend import select_backend
 from .pair import MergedPair, check_pair, resolve_neg
 from .reference import FLOAT32_MAX
@@ -170,15 +169,9 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
         scale = check_real("sm_scale", sm_scale)
         if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:   # (scores are float32)
             raise ValueError(f"sm_scale: expected a finite float32 number, got {scale!r}")
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} "
-                        f"{return_lse!r}")
+    check_bool("return_lse", return_lse)
     if num_splits is not None:
-        if isinstance(num_splits, (bool, np.bool_)) \
-                or not isinstance(num_splits, numbers.Integral):
-            raise TypeError(f"num_splits: expected an int or None, got "
-                            f"{type(num_splits).__name__} {num_splits!r}")
-        num_splits = int(num_splits)
+        num_splits = check_int("num_splits", num_splits, "an int or None")
         from .kernels.decode import MAX_SPLITS
         if not 1 <= num_splits <= MAX_SPLITS:
             raise ValueError(f"num_splits: expected a value in [1, {MAX_SPLITS}], "

@@ -28,11 +28,9 @@ fall back to restore + sdpa.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Optional
 
-import numpy as np
 import torch
 import transformers
 
@@ -44,7 +42,7 @@ if not transformers.utils.is_torch_available():   # e.g. transformers 5 with tor
 
 from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
-from ._checks import check_index
+from ._checks import check_bool, check_index, check_int
 from .cache import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, MiniCache
 from .decode import decode_attention
 
@@ -119,11 +117,16 @@ class MiniCacheLayer(CacheLayerMixin):
         self._owner.reorder_cache(beam_idx)
 
 
+def _text_config(config):
+    """The decoder's text config of a model config (itself for a plain one, or None)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _check_head_dim(config) -> None:
     """A plan that merges needs a head dim that merge supports: known from the config, so a
     model that cannot be merged is refused before its first forward."""
     from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     D = getattr(text, "head_dim", None)
     if D is None and getattr(text, "num_attention_heads", None):
         D = text.hidden_size // text.num_attention_heads
@@ -155,9 +158,7 @@ class MiniCacheHF(Cache):
                  sink: int = 0, window: int = DEFAULT_WINDOW, fused_decode: bool = True):
         if config is None and num_layers is None:
             raise ValueError("config: expected a model config (or pass num_layers), got None")
-        text = config
-        if hasattr(config, "get_text_config"):
-            text = config.get_text_config(decoder=True)
+        text = _text_config(config)
         if num_layers is None:
             if getattr(text, "num_hidden_layers", None) is None:
                 raise TypeError(f"config: expected a model config with num_hidden_layers (or "
@@ -172,13 +173,8 @@ class MiniCacheHF(Cache):
                               window=window)
         if config is not None and self.core.merges:
             _check_head_dim(config)
-        if isinstance(fused_decode, np.bool_):
-            fused_decode = bool(fused_decode)
-        if not isinstance(fused_decode, bool):
-            raise TypeError(f"fused_decode: expected a bool, got {type(fused_decode).__name__} "
-                            f"{fused_decode!r}")
         self._config = config
-        self.fused_decode = fused_decode
+        self.fused_decode = check_bool("fused_decode", fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
@@ -241,14 +237,12 @@ class MiniCacheHF(Cache):
         """Tokens held by layer `layer_idx` (negative: from the last layer); 0 past the last
         layer, as transformers' caches answer."""
         L = self.core.num_layers
-        if isinstance(layer_idx, (bool, np.bool_)) or not isinstance(layer_idx, numbers.Integral):
-            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__} "
-                            f"{layer_idx!r}")
+        layer_idx = check_int("layer_idx", layer_idx)
         if layer_idx >= L:
             return 0
         if layer_idx < -L:
             raise ValueError(f"layer_idx: expected an int >= {-L} ({L} layers), got {layer_idx!r}")
-        return self.core.seq_len(int(layer_idx) % L)
+        return self.core.seq_len(layer_idx % L)
 
     def reset(self) -> None:
         self.core.reset()
@@ -256,10 +250,7 @@ class MiniCacheHF(Cache):
     def crop(self, n: int) -> None:
         """Keep the first n tokens (n >= 0; on transformers 5, 0 keeps everything, as its caches
         do), or drop the last -n (n < 0)."""
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"n: expected an int (a length to keep, or a negative count to "
-                            f"drop), got {type(n).__name__} {n!r}")
-        n = int(n)
+        n = check_int("n", n, "an int (a length to keep, or a negative count to drop)")
         current = self.get_seq_length()
         if n < 0:
             keep = current + n
@@ -386,9 +377,8 @@ def use_minitriton_attention(model):
     A model with logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2) is refused:
     neither sdpa nor `decode_attention` computes it (MiniCacheHF itself works with the
     model's own attention)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "attn_logit_softcapping", None)
+    softcap = getattr(_text_config(getattr(model, "config", None)), "attn_logit_softcapping",
+                      None)
     if softcap is not None:
         raise ValueError(f"model: its attention soft-caps logits (attn_logit_softcapping="
                          f"{softcap!r}), which the {ATTENTION_NAME!r} attention does not; use "

@@ -134,7 +134,7 @@ def _check_d_range(d_range, x: torch.Tensor):
                         f"{type(d_range).__name__}")
     B, H = x.shape[:2]
     out = []
-    for name, v in zip(("d_range[0]", "d_range[1]"), d_range):
+    for name, v, empty in zip(("d_range[0]", "d_range[1]"), d_range, (2.0, -1.0)):
         check_tensor(name, v, ndim=2, dtypes=(torch.float32,))
         if tuple(v.shape) != (B, H):
             raise ValueError(f"{name}: expected shape {(B, H)}, got {tuple(v.shape)}")
@@ -143,7 +143,6 @@ def _check_d_range(d_range, x: torch.Tensor):
         # Extremes are distances in [0, 1], or the start value of a row without a token that
         # has an angle (2 for d_min, -1 for d_max). On CUDA the check would synchronise: it
         # runs on CPU tensors (there a NaN counts as no earlier extreme).
-        empty = 2.0 if name == "d_range[0]" else -1.0
         if v.device.type == "cpu" and v.numel():
             bad = ~(((v >= 0) & (v <= 1)) | (v == empty))
             if bool(bad.any()):

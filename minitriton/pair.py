@@ -43,8 +43,9 @@ class MergedPair:
     `slot`, `kept_prev`, `kept_cur`, `d_min`, `d_max`; and the settings `t`, `gamma` and
     `magnitude` ("norm" or "projection").
 
-    `==` compares identity (compare contents field by field, e.g. with `torch.equal`). `torch.save` / `torch.load` work, `weights_only=True` (the
-    default) included: importing minitriton adds the class to torch's safe globals.
+    `==` compares identity (compare contents field by field, e.g. with `torch.equal`).
+    `torch.save` / `torch.load` work, `weights_only=True` (the default) included: importing
+    minitriton adds the class to torch's safe globals.
 
     Example:
         >>> m = minitriton.merge(k_prev, k_cur, t=0.6, gamma=0.05)

@@ -111,8 +111,7 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     o = _weighted_rows(pm, v.e, None if dev.type == "cpu" else unused)
     if unused is not None and dev.type == "cpu" and not bool(torch.isfinite(o).all()):
         o = _weighted_rows(pm, v.e, unused)   # (no host synchronisation to ask, on a CPU)
-    # Rows past a length have weight 0 but may hold anything (a retained NaN, padding): they
-    # are zeroed, since 0 * NaN would be NaN.
+    # The retained originals past a length, likewise, are zeroed.
     if kept_v.shape[0]:
         kv = kept_v.to(f32)
         if seq_lens is not None:

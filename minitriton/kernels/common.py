@@ -96,14 +96,14 @@ def token_tile_autotune(kernel, prune, restore_value=()):
     Autotuner itself, whose arguments are the same from 3.2 to 3.9. A single config (the
     interpreter, MINITRITON_AUTOTUNE=0) is launched directly: there is nothing to tune, and
     triton 3.2's interpreter rejects the autotuner's launch options."""
+    for name in restore_value:
+        if name not in kernel.arg_names:
+            raise ValueError(f"restore_value: {name!r} is not an argument of {kernel.fn.__name__}")
     configs = token_tile_autotune_configs()
     if len(configs) == 1:
         return _OneConfig(kernel, configs[0], restore_value)
     from triton.runtime.autotuner import Autotuner
 
-    for name in restore_value:
-        if name not in kernel.arg_names:
-            raise ValueError(f"restore_value: {name!r} is not an argument of {kernel.fn.__name__}")
     return Autotuner(kernel, kernel.arg_names, configs, ["D", "BLOCK_D"],
                      reset_to_zero=None, restore_value=list(restore_value) or None,
                      prune_configs_by={"early_config_prune": prune}, do_bench=_benchmark)
@@ -114,10 +114,6 @@ class _OneConfig:
     to tune, so `restore_value` is only recorded)."""
 
     def __init__(self, kernel, config, restore_value=()):
-        for name in restore_value:
-            if name not in kernel.arg_names:
-                raise ValueError(f"restore_value: {name!r} is not an argument of "
-                                 f"{kernel.fn.__name__}")
         self.kernel, self.config, self.restore_value = kernel, config, tuple(restore_value)
 
     def __getitem__(self, grid):
