@@ -31,6 +31,12 @@ that (b, h) row merged so far INCLUDING the new chunk. Tokens merged earlier kee
 before it, and the result depends only on the token sequence, the prompt length and W, not on
 how the later tokens were grouped into forwards.
 
+Padding. `set_attention_mask(mask)` tells the cache which positions hold padding (a `[B, L]`
+mask, 0 for padding, as transformers' attention mask of a left-padded batch): merges then leave
+padding out of each row's extremes and never retain it (`merge(..., mask=)`), so a padded row
+keeps exactly the tokens it keeps unpadded. Padding is still stored (merged) and counted in the
+bytes; the model's attention mask hides it.
+
 Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
 magnitudes, slots and d extremes, tails, held prefill states). A pair's shared store is split
 evenly between its two layers in the per-layer numbers.
@@ -49,7 +55,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_has_data, check_head_dim, check_index, check_int, check_tensor
+from ._checks import (check_dense, check_has_data, check_head_dim, check_index, check_int,
+                      check_tensor)
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -117,9 +124,10 @@ class _Pair:
         return self.seq_len(0) == 0 and self.seq_len(1) == 0
 
     # -- writes --
-    def absorb(self, kp, vp, kc, vc) -> None:
-        """Sink-fill then merge a chunk of both layers' states (same length). Everything is
-        computed before anything is stored: a failure leaves the pair as it was."""
+    def absorb(self, kp, vp, kc, vc, mask=None) -> None:
+        """Sink-fill then merge a chunk of both layers' states (same length); `mask` (bool
+        `[B, n]` or None) marks its padding. Everything is computed before anything is stored:
+        a failure leaves the pair as it was."""
         room = self.spec.sink - _len(self.sink_k[0])
         sinks = None
         if room > 0:
@@ -127,6 +135,7 @@ class _Pair:
             sinks = [[_cat(held[side], x[:, :, :n].clone()) for side, x in enumerate(new)]
                      for held, new in ((self.sink_k, (kp, kc)), (self.sink_v, (vp, vc)))]
             kp, vp, kc, vc = (x[:, :, n:] for x in (kp, vp, kc, vc))
+            mask = None if mask is None else mask[:, n:]
         stores = {}
         if kp.shape[2] and self.spec.method == "mean":
             avg = (lambda a, b: ((a.float() + b.float()) * 0.5).to(a.dtype))
@@ -137,15 +146,16 @@ class _Pair:
             for name, (a, b) in (("mk", (kp, kc)), ("mv", (vp, vc))):
                 old = getattr(self, name)
                 d_range = None if old is None else (old.d_min, old.d_max)
-                new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range)
+                new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range, mask=mask)
                 stores[name] = new if old is None else MergedPair.cat([old, new])
         if sinks is not None:
             self.sink_k, self.sink_v = sinks
         for name, value in stores.items():
             setattr(self, name, value)
 
-    def flush(self, window: int) -> None:
-        """Move whole `window`-token chunks of the tails into the store, oldest first."""
+    def flush(self, window: int, chunk_mask=None) -> None:
+        """Move whole `window`-token chunks of the tails into the store, oldest first;
+        `chunk_mask(position, n, ref)` gives the padding mask of n tokens from a position."""
         n0, n1 = _len(self.tail_k[0]), _len(self.tail_k[1])
         if n0 != n1:
             raise RuntimeError(f"pair ({self.spec.prev},{self.spec.cur}): tails of different "
@@ -154,8 +164,12 @@ class _Pair:
         try:
             while n0 - done >= window:
                 sl = slice(done, done + window)
-                self.absorb(self.tail_k[0][:, :, sl], self.tail_v[0][:, :, sl],
-                            self.tail_k[1][:, :, sl], self.tail_v[1][:, :, sl])
+                chunk = [x[:, :, sl] for x in (self.tail_k[0], self.tail_v[0], self.tail_k[1],
+                                               self.tail_v[1])]
+                # (the tail's first token comes right after the sink and the store)
+                mask = None if chunk_mask is None else chunk_mask(
+                    _len(self.sink_k[0]) + self.merged_len(), window, chunk[0])
+                self.absorb(*chunk, mask=mask)
                 done += window
         finally:   # the chunks that did move leave the tails, even if a later one failed
             if done:
@@ -258,6 +272,7 @@ class MiniCache:
         self._slerp = any(s.method == "slerp" for s in plan)
         self._dense_k: list = [None] * num_layers
         self._dense_v: list = [None] * num_layers
+        self._mask: Optional[torch.Tensor] = None   # bool [B, L]: False = padding
 
     def __repr__(self) -> str:
         """One line: layers, merged pairs, tokens held, bytes (read from shapes; no sync)."""
@@ -296,6 +311,9 @@ class MiniCache:
                              f"{tuple(k.shape[:3])}")
         pair, side = self._pair_of(layer)
         self._check_states(layer, k, v, pair)
+        if self._mask is not None and self._mask.shape[0] != k.shape[0]:
+            raise ValueError(f"mask: the attention mask has {self._mask.shape[0]} rows, "
+                             f"layer {layer}'s states a batch of {k.shape[0]}")
         if pair is None:
             self._dense_k[layer] = _cat(self._dense_k[layer], k)
             self._dense_v[layer] = _cat(self._dense_v[layer], v)
@@ -306,7 +324,7 @@ class MiniCache:
             if pair.empty():
                 pair.pending = (k, v)
                 return True
-            pair.flush(self.window)
+            pair.flush(self.window, self._chunk_mask)
             pair.tail_k[0] = _cat(pair.tail_k[0], k)
             pair.tail_v[0] = _cat(pair.tail_v[0], v)
             return False
@@ -315,7 +333,7 @@ class MiniCache:
             if kp.shape[:3] != k.shape[:3]:
                 raise ValueError(f"k: layer {layer} got shape {tuple(k.shape)}, layer {layer - 1} "
                                  f"got {tuple(kp.shape)}; a pair's states must match")
-            pair.absorb(kp, vp, k, v)
+            pair.absorb(kp, vp, k, v, self._chunk_mask(0, k.shape[2], k))
             pair.pending = None
             return True
         if pair.seq_len(1) + k.shape[2] != pair.seq_len(0):
@@ -324,6 +342,65 @@ class MiniCache:
         pair.tail_k[1] = _cat(pair.tail_k[1], k)
         pair.tail_v[1] = _cat(pair.tail_v[1], v)
         return False
+
+    def set_attention_mask(self, mask) -> None:
+        """Which positions hold padding: `mask` `[B, L]`, bool or integer, 1 / True for a token
+        and 0 / False for padding, position 0 being the first token the cache holds (the 2-D
+        attention mask that transformers gives a forward: the tokens held and the new ones).
+        Positions past L are tokens; None (the default) makes every position a token.
+
+        Merges then leave padding out of each row's d_min / d_max and never retain it (see
+        `merge`'s `mask`): a left-padded row keeps exactly the tokens it keeps unpadded.
+        Set it before the forward whose tokens it covers (`minitriton.hf.track_padding` does
+        it for every forward of a transformers model). The cache keeps a bool copy on the
+        mask's device; integer values are checked on a CPU (on CUDA, where checking would
+        synchronise, nonzero is a token).
+
+        Example:
+            >>> enc = tokenizer(prompts, padding=True, return_tensors="pt")   # left padding
+            >>> cache.set_attention_mask(enc["attention_mask"])
+        """
+        if mask is None:
+            self._mask = None
+            return
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a [B, L] bool or integer tensor, got "
+                            f"{type(mask).__name__}")
+        check_dense("mask", mask)
+        if mask.dim() != 2:
+            raise ValueError(f"mask: expected a [B, L] tensor, got shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+            raise TypeError(f"mask: dtype {mask.dtype} is not supported (expected bool or an "
+                            f"integer dtype, 1 for a token and 0 for padding)")
+        check_has_data("mask", mask)
+        B = self.batch_size()
+        if B is not None and mask.shape[0] != B:
+            raise ValueError(f"mask: expected {B} rows (the batch held), got {mask.shape[0]}")
+        mask = mask.detach()
+        if mask.dtype != torch.bool and mask.device.type == "cpu":
+            bad = (mask != 0) & (mask != 1)
+            if bool(bad.any()):
+                at = tuple(torch.nonzero(bad)[0].tolist())
+                raise ValueError(f"mask: expected 1 for a token and 0 for padding, got "
+                                 f"{mask[at].item()!r} at {at}")
+        self._mask = (mask != 0) if mask.dtype != torch.bool else mask.clone()
+
+    @property
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        """The padding mask set by `set_attention_mask` (bool `[B, L]`), or None."""
+        return self._mask
+
+    def _chunk_mask(self, position: int, n: int, ref: torch.Tensor):
+        """The mask of n tokens from `position` on ref's device; None when there is no mask, or
+        (checked for a CPU mask only: no host synchronisation) when they are all tokens."""
+        if self._mask is None:
+            return None
+        m = self._mask[:, position:position + n]
+        if m.device.type == "cpu" and bool(m.all()):
+            return None
+        if m.shape[1] < n:   # (positions past the mask are tokens)
+            m = torch.cat([m, m.new_ones(m.shape[0], n - m.shape[1])], dim=1)
+        return m.to(ref.device)
 
     def _check_states(self, layer: int, k, v, pair) -> None:
         """New states must be like those the layer (or its pair) already holds: batch, heads,
@@ -504,7 +581,10 @@ class MiniCache:
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens of every layer (merged tokens are cut out of the store;
         they are not un-merged: see `crop_is_exact`)."""
-        self._edit(slice(None), check_index("length", length))
+        length = check_index("length", length)
+        self._edit(slice(None), length)
+        if self._mask is not None:
+            self._mask = self._mask[:, :length]
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) the batch rows `index` (a 1-d integer tensor)."""
@@ -525,6 +605,8 @@ class MiniCache:
                 raise ValueError(f"index: batch rows from {lo} to {hi} are out of range for a "
                                  f"batch of {B}")
         self._edit(index, None)
+        if self._mask is not None and B is not None:   # (rows checked against B above)
+            self._mask = self._mask[index.to(self._mask.device)]
 
     def _edit(self, b_idx, length: Optional[int]) -> None:
         for pair in self._pairs.values():   # before anything is edited

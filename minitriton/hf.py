@@ -1,8 +1,9 @@
 """transformers integration: a `Cache` backed by `minitriton.cache.MiniCache`, and an attention
 function that runs single-token decode steps over merged layers with `decode_attention`.
 
-    >>> from minitriton.hf import MiniCacheHF, use_minitriton_attention
+    >>> from minitriton.hf import MiniCacheHF, track_padding, use_minitriton_attention
     >>> use_minitriton_attention(model)                    # optional: fused decode attention
+    >>> track_padding(model)                               # batches with padding (see below)
     >>> cache = MiniCacheHF(model.config, window=16)       # the paper's plan from L // 2
     >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
     >>> cache.compression_ratio
@@ -24,6 +25,12 @@ over a merged layer the cache hands the attention function a marker instead of r
 and attention runs as `minitriton.decode_attention` over the compressed pair plus the dense sink
 and tail, never building the restored cache. Masks that hide some cached token (left padding)
 fall back to restore + sdpa.
+
+Padding. transformers does not pass the attention mask to a cache. `track_padding(model)` hands
+each forward's 2-D attention mask to the MiniCacheHF that the forward uses (a forward pre-hook;
+`use_minitriton_attention` installs it too), so that merges leave a left-padded batch's padding
+out of the retention (see `MiniCache.set_attention_mask`). Without it, padding is merged as if
+it were tokens.
 """
 
 from __future__ import annotations
@@ -198,6 +205,12 @@ class MiniCacheHF(Cache):
         layer_idx = self.core._check_layer(layer_idx, "layer_idx")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def set_attention_mask(self, mask) -> None:
+        """The 2-D attention mask `[B, L]` of the tokens held and those of the next forward
+        (0 for padding), or None: see `MiniCache.set_attention_mask`. `track_padding(model)`
+        calls it before every forward of the model."""
+        self.core.set_attention_mask(mask)
+
     def _fused(self, layer_idx: int, key_states: torch.Tensor) -> bool:
         if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
             return False
@@ -283,12 +296,13 @@ class MiniCacheHF(Cache):
 _FORWARD_PARAMS: dict = {}
 
 
-def forward_params(model) -> set:
-    """The names of the parameters of `model.forward` (looked up once per model class)."""
+def forward_params(model) -> tuple:
+    """The names of the parameters of `model.forward`, in order (looked up once per model
+    class)."""
     key = type(model)
     if key not in _FORWARD_PARAMS:
         import inspect
-        _FORWARD_PARAMS[key] = set(inspect.signature(model.forward).parameters)
+        _FORWARD_PARAMS[key] = tuple(inspect.signature(model.forward).parameters)
     return _FORWARD_PARAMS[key]
 
 
@@ -371,8 +385,43 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
+def _hand_over_mask(module, args, kwargs):
+    """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses (None for a
+    call without one, or with a 4-D mask, which says nothing about padding positions)."""
+    named = dict(zip(forward_params(module), args), **kwargs)   # (arguments given by position)
+    cache = named.get("past_key_values")
+    if cache is None:
+        cache = named.get("cache")
+    if isinstance(cache, MiniCacheHF):
+        mask = named.get("attention_mask")
+        cache.set_attention_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                 else None)
+
+
+_HOOK_ATTR = "_minitriton_padding_hook"
+
+
+def track_padding(model):
+    """Hand every forward's 2-D attention mask to the MiniCacheHF it uses (passed as
+    `past_key_values=` or `cache=`), before the forward runs: merges then leave padding out
+    of the retention, so a left-padded row keeps the tokens it keeps unpadded. Installed once
+    per model (a forward pre-hook; calling it again changes nothing); other caches are left
+    alone. Returns the model.
+
+    Example:
+        >>> tokenizer.padding_side = "left"
+        >>> enc = tokenizer(prompts, padding=True, return_tensors="pt")
+        >>> out = track_padding(model).generate(**enc, past_key_values=MiniCacheHF(model.config))
+    """
+    if getattr(model, _HOOK_ATTR, None) is None:
+        setattr(model, _HOOK_ATTR,
+                model.register_forward_pre_hook(_hand_over_mask, with_kwargs=True))
+    return model
+
+
 def use_minitriton_attention(model):
-    """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers).
+    """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers),
+    and `track_padding(model)`.
 
     A model with logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2) is refused:
     neither sdpa nor `decode_attention` computes it (MiniCacheHF itself works with the
@@ -388,8 +437,8 @@ def use_minitriton_attention(model):
         model.set_attn_implementation(ATTENTION_NAME)
     except (AttributeError, ValueError):
         model.config._attn_implementation = ATTENTION_NAME
-    return model
+    return track_padding(model)
 
 
 __all__ = ["MiniCacheHF", "MiniCacheLayer", "minitriton_attention", "register_attention",
-           "use_minitriton_attention", "cache_kwargs", "ATTENTION_NAME"]
+           "use_minitriton_attention", "track_padding", "cache_kwargs", "ATTENTION_NAME"]

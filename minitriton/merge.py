@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_has_data, check_head_dim, check_same, check_tensor, check_unit_interval
+from ._checks import (check_dense, check_has_data, check_head_dim, check_same, check_tensor,
+                      check_unit_interval)
 from .backend import select_backend
 from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
 
 
 def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: float = 0.05,
-          magnitude: str = "norm", *, d_range=None) -> MergedPair:
+          magnitude: str = "norm", *, d_range=None, mask=None) -> MergedPair:
     """Merge the key (or value) states of two adjacent layers into one MiniCache pair.
 
     For every token (b, h, s), with norms over D and Omega the angle between the two states:
@@ -45,6 +46,13 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             Values outside [0, 1], other than a pair's own 2 / -1 for a row with no token that
             has an angle, are refused on a CPU (on CUDA, where checking would synchronise, a
             NaN is ignored and other values are used as given).
+        mask: optional `[B, S]` bool or integer tensor, True / 1 for a token and False / 0 for
+            padding (transformers' attention mask, e.g. the pad positions of a left-padded
+            batch). Padding is merged like any token (so restore gives it back merged), but it
+            is left out of d_min / d_max and never retained (bar a pair without an angle,
+            which is always retained): a padded row keeps exactly the tokens the same row
+            keeps unpadded. The extremes are then taken from d in one more pass over it (4
+            bytes a token). Integer values other than 0 and 1 are refused on a CPU.
 
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
@@ -80,15 +88,17 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         raise ValueError(f"magnitude: expected one of {MAGNITUDE_MODES}, got {magnitude!r}")
     if d_range is not None:
         d_range = _check_d_range(d_range, x_prev)
+    if mask is not None:
+        mask = _check_mask(mask, x_prev)
     # A view with torch's lazy negation bit (e.g. `z.conj().imag`) holds -x in its storage,
     # which is what a kernel reads: such inputs are materialised (no copy for any other).
     x_prev, x_cur = x_prev.resolve_neg(), x_cur.resolve_neg()
     with torch.no_grad():   # not differentiable: inputs that require grad are read as data
         if select_backend(x_prev.device) == "triton":
             from .kernels.merge import merge_triton
-            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range)
+            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range, mask)
         from .torch_merge import merge_torch
-        return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range)
+        return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range, mask)
 
 
 def restore(m: MergedPair, layer: str | None = None):
@@ -151,3 +161,33 @@ def _check_d_range(d_range, x: torch.Tensor):
                                  f"{empty:g} for a row with none), got {v[at].item()!r} at {at}")
         out.append(v)
     return tuple(out)
+
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
+    """mask as a bool `[B, S]` tensor on x's device (a view of a bool mask, else a cast)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a [B, S] bool or integer tensor, got "
+                        f"{type(mask).__name__}")
+    check_dense("mask", mask)
+    B, _, S, _ = x.shape
+    if tuple(mask.shape) != (B, S):
+        raise ValueError(f"mask: expected shape {(B, S)} ([B, S] of x_prev), got "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask: dtype {mask.dtype} is not supported (expected bool or an "
+                        f"integer dtype, 1 for a token and 0 for padding)")
+    if mask.device != x.device:
+        raise ValueError(f"mask: device {mask.device} does not match x_prev's {x.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    # On CUDA the check would synchronise: it runs on CPU tensors (there nonzero is a token).
+    if mask.device.type == "cpu" and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            at = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"mask: expected 1 for a token and 0 for padding, got "
+                             f"{mask[at].item()!r} at {at}")
+    return mask != 0

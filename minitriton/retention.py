@@ -6,6 +6,10 @@ MergedPair that holds the rest merged.
 A token pair with a NaN or inf component, or with a vector longer than float32's largest number
 (no float32 magnitude), has no angle: the backends give it d = NaN, which is always retained
 (its originals come back bit for bit), and leave it out of d_min / d_max.
+
+Padding (a `mask` of 0 for a token position, as in transformers' attention mask) is merged like
+any token but left out of d_min / d_max and never retained, bar a pair without an angle: a
+padded row keeps exactly the tokens that the same row unpadded keeps.
 """
 
 from __future__ import annotations
@@ -29,16 +33,24 @@ def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) 
 
 
 def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                 d_range, gather) -> MergedPair:
+                 d_range, gather, mask=None) -> MergedPair:
     """Retention from d and the row extremes, then the retained store (`gather` is the
-    backend's: it reads only the retained tokens).
+    backend's: it reads only the retained tokens). With a `mask` (bool `[B, S]`, False for
+    padding) the extremes are taken again from d over the tokens alone (the backends' cover
+    every position): a pass over d, 4 bytes a token.
 
     The store is compact, so its size N is read on the host (one synchronisation)."""
+    if mask is not None and d.shape[-1]:
+        counted = mask.unsqueeze(1) & (d == d)          # tokens with an angle
+        d_min = torch.where(counted, d, 2.0).amin(dim=-1)
+        d_max = torch.where(counted, d, -1.0).amax(dim=-1)
     if d_range is not None:   # (fmin / fmax: a NaN counts as no earlier extreme)
         d_min = torch.fmin(d_min, d_range[0].to(d_min))
         d_max = torch.fmax(d_max, d_range[1].to(d_max))
     thr = retention_threshold(d_min, d_max, gamma)
     retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
+    if mask is not None:   # padding: only the pairs without an angle
+        retained &= mask.unsqueeze(1) | (d != d)
     slot = _slots_from_mask(retained)
     kept_prev, kept_cur = gather(x_prev, x_cur, retained)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,

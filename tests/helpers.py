@@ -47,11 +47,12 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, d_tol, assert_close,
-                                  d_range=None):
+                                  d_range=None, mask=None):
     """Compare a MergedPair with merge_ref on every stored quantity and the restore."""
     import minitriton
 
-    r = merge_ref(xp, xc, t, gamma, magnitude, d_range=d_range)
+    r = merge_ref(xp, xc, t, gamma, magnitude, d_range=d_range,
+                  mask=None if mask is None else mask.cpu())
     dtype = xp.dtype
     retained = m.retained.cpu().numpy()
     borderline = np.abs(r["d"] - r["threshold"][..., None]) <= d_tol

@@ -33,8 +33,9 @@ def _feed(cache, ks, vs, schedule):
     return pos
 
 
-def _expected(spec, kp, kc, vp, vc, prompt, window, total):
-    """sink + (prompt chunk, then W-chunks merged with d_range) + tail, computed independently."""
+def _expected(spec, kp, kc, vp, vc, prompt, window, total, mask=None):
+    """sink + (prompt chunk, then W-chunks merged with d_range) + tail, computed independently
+    (`mask`: bool `[B, total]`, False for padding)."""
     s = spec.sink
     bounds = [s, max(prompt, s)]
     # Decoded tokens are merged in whole W-chunks once the next forward starts; the last
@@ -49,7 +50,8 @@ def _expected(spec, kp, kc, vp, vc, prompt, window, total):
                 continue
             rng = None if m is None else (m.d_min, m.d_max)
             new = minitriton.merge(a[:, :, lo:hi], b[:, :, lo:hi], spec.t, spec.gamma,
-                                   spec.magnitude, d_range=rng)
+                                   spec.magnitude, d_range=rng,
+                                   mask=None if mask is None else mask[:, lo:hi])
             m = new if m is None else minitriton.MergedPair.cat([m, new])
         rp, rc = minitriton.restore(m)
         end = bounds[-1]
@@ -530,3 +532,105 @@ def test_mean_pairs_take_any_states():
         cache.update(0, k, k)
         cache.update(1, k, k)
         assert cache.get(1)[0].shape == (1, 2, 7, D)
+
+
+# ---- padding ----------------------------------------------------------------------------------
+def _padded_states(L, S, pad, seed=0):
+    """States of L layers, with row 1's first `pad` positions nearly antiparallel between
+    adjacent layers (d near 1: without a mask they would set the rows' d_max)."""
+    ks, vs = _states(L, S, seed=seed)
+    for xs in (ks, vs):
+        for layer in range(1, L):
+            xs[layer][1, :, :pad] = -xs[layer - 1][1, :, :pad] + 0.01 * xs[layer][1, :, :pad]
+    return ks, vs
+
+
+def test_padded_row_keeps_what_it_keeps_unpadded():
+    """With W = 1 and no sink, a left-padded row's store holds, at its tokens, exactly what the
+    same row alone (unpadded) holds: the padding changes no retention decision."""
+    L, pad, prompt, steps = 4, 5, 9, 6
+    ks, vs = _padded_states(L, prompt + steps, pad, seed=3)
+    mask = torch.ones(B, prompt, dtype=torch.int64)
+    mask[1, :pad] = 0
+    caches = {}
+    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
+        cache = MiniCache(L, [PairSpec(1, gamma=0.3)], window=1)
+        if name == "padded":
+            cache.set_attention_mask(mask)
+        _feed(cache, [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs],
+              [prompt - start] + [1] * steps)
+        caches[name] = cache.merged_pairs(1)
+    for padded, alone in zip(caches["padded"], caches["alone"]):
+        assert not padded.retained[1, :, :pad].any()
+        for f in ("e", "mag_prev", "mag_cur", "retained"):
+            assert torch.equal(getattr(padded, f)[1:, :, pad:], getattr(alone, f)), f
+        assert torch.equal(padded.d_min[1:], alone.d_min)
+        assert torch.equal(padded.d_max[1:], alone.d_max)
+    # Without the mask the padding sets row 1's extremes.
+    cache = MiniCache(L, [PairSpec(1, gamma=0.3)], window=1)
+    _feed(cache, ks, vs, [prompt] + [1] * steps)
+    assert not torch.equal(cache.merged_pairs(1)[0].d_max[1:], caches["alone"][0].d_max)
+
+
+@pytest.mark.parametrize("window,sink", [(3, 2), (4, 0), (1, 6)])
+def test_mask_follows_positions_through_sinks_and_chunks(window, sink):
+    """The mask's positions line up with the tokens through the sink, the prompt chunk and the
+    decoded W-chunks (a pad at a decoded position included); positions past it are tokens."""
+    L, prompt, steps = 3, 8, 11
+    ks, vs = _padded_states(L, prompt + steps, 4, seed=window)
+    mask = torch.ones(B, prompt + 5, dtype=torch.bool)
+    mask[1, :4] = False
+    mask[0, prompt + 2] = False      # a decoded position
+    cache = MiniCache(L, [PairSpec(1, gamma=0.25, sink=sink)], window=window)
+    cache.set_attention_mask(mask)
+    assert torch.equal(cache.attention_mask, mask) and cache.attention_mask is not mask
+    total = _feed(cache, ks, vs, [prompt] + [1] * steps)
+    full = torch.ones(B, total, dtype=torch.bool)
+    full[:, :mask.shape[1]] = mask
+    exp = _expected(cache.plan.pairs[0], ks[1], ks[2], vs[1], vs[2], prompt, window, total,
+                    mask=full)
+    for side, layer in ((0, 1), (1, 2)):
+        k, v = cache.get(layer)
+        assert torch.equal(k, exp["k"][side]) and torch.equal(v, exp["v"][side])
+    for got, want in zip(cache.merged_pairs(1), (exp["k"][2], exp["v"][2])):
+        assert torch.equal(got.retained, want.retained)
+        assert torch.equal(got.d_min, want.d_min) and torch.equal(got.d_max, want.d_max)
+
+
+def test_attention_mask_edits_and_errors():
+    L = 3
+    ks, vs = _states(L, 6)
+    cache = MiniCache(L, [PairSpec(1)], window=2)
+    with pytest.raises(TypeError, match="mask: expected a .B, L. bool or integer tensor, got list"):
+        cache.set_attention_mask([[1, 1]])
+    with pytest.raises(ValueError, match=r"mask: expected a \[B, L\] tensor, got shape \(4,\)"):
+        cache.set_attention_mask(torch.ones(4))
+    with pytest.raises(TypeError, match="mask: dtype torch.float32 is not supported"):
+        cache.set_attention_mask(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"mask: expected 1 for a token and 0 for padding, got 3 "
+                       r"at \(1, 2\)"):
+        cache.set_attention_mask(torch.tensor([[1, 1, 1], [0, 1, 3]]))
+    with pytest.raises(ValueError, match="mask: a tensor on the meta device"):
+        cache.set_attention_mask(torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    assert cache.attention_mask is None
+    # A mask whose rows are not the batch's: refused at the first layer, nothing stored.
+    cache.set_attention_mask(torch.ones(3, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mask: the attention mask has 3 rows, layer 0's states "
+                       "a batch of 2"):
+        cache.update(0, ks[0], vs[0])
+    assert cache.seq_len(0) == 0
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    cache.set_attention_mask(mask)
+    _feed(cache, ks, vs, [6])
+    with pytest.raises(ValueError, match=r"mask: expected 2 rows \(the batch held\), got 1"):
+        cache.set_attention_mask(mask[:1])
+    assert cache.attention_mask.dtype == torch.bool
+    cache.select_batch(torch.tensor([1, 0, 0]))
+    assert torch.equal(cache.attention_mask, mask[[1, 0, 0]].bool())
+    cache.crop(4)
+    assert torch.equal(cache.attention_mask, mask[[1, 0, 0], :4].bool())
+    cache.reset()
+    assert cache.attention_mask is None
+    cache.set_attention_mask(mask)
+    cache.set_attention_mask(None)
+    assert cache.attention_mask is None

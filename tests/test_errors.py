@@ -166,6 +166,34 @@ def test_d_range(backend, pair):
         assert torch.equal(getattr(with_nan, name), getattr(alone, name)), name
 
 
+def test_mask(backend, pair):
+    xp, xc = pair   # [1, 2, 5, 32]
+    dev = xp.device
+    _raises(TypeError, "mask: expected a .B, S. bool or integer tensor, got list",
+            minitriton.merge, xp, xc, mask=[[1, 1, 1, 1, 1]])
+    _raises(ValueError, r"mask: expected shape \(1, 5\) \(\[B, S\] of x_prev\), got \(1, 2, 5\)",
+            minitriton.merge, xp, xc, mask=torch.ones(1, 2, 5, device=dev, dtype=torch.bool))
+    _raises(ValueError, r"mask: expected shape \(1, 5\)", minitriton.merge, xp, xc,
+            mask=torch.ones(5, 1, device=dev, dtype=torch.bool))
+    _raises(TypeError, r"mask: dtype torch.float32 is not supported", minitriton.merge, xp, xc,
+            mask=torch.ones(1, 5, device=dev))
+    _raises(ValueError, "mask: device meta does not match", minitriton.merge, xp, xc,
+            mask=torch.ones(1, 5, device="meta", dtype=torch.bool))
+    _raises(TypeError, "mask: expected a dense", minitriton.merge, xp, xc,
+            mask=torch.ones(1, 5, dtype=torch.int64, device=dev).to_sparse())
+    if dev.type == "cpu":
+        for bad in (2, -1):
+            _raises(ValueError, f"mask: expected 1 for a token and 0 for padding, got {bad} at "
+                    r"\(0, 3\)", minitriton.merge, xp, xc,
+                    mask=torch.tensor([[1, 1, 1, bad, 0]]))
+    # Any integer dtype and strides; the caller's mask is not written.
+    mask = torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1], [1, 1]], dtype=torch.int8,
+                        device=dev).t()[1:]
+    before = mask.clone()
+    m = minitriton.merge(xp, xc, 0.6, 0.5, mask=mask)
+    assert torch.equal(mask, before) and m.num_retained > 0
+
+
 def test_restore_layer_name(backend, pair):
     _raises(ValueError, "layer: expected None, .prev. or .cur., got .both.", minitriton.restore,
             minitriton.merge(*pair), layer="both")

@@ -12,8 +12,9 @@ from transformers import DynamicCache  # noqa: E402
 from helpers import tiny_llama  # noqa: E402
 
 from minitriton.cache import PairSpec  # noqa: E402
+import minitriton  # noqa: E402
 from minitriton.hf import (ATTENTION_NAME, MiniCacheHF, cache_kwargs,  # noqa: E402
-                           use_minitriton_attention)
+                           track_padding, use_minitriton_attention)
 
 L = 6
 
@@ -290,7 +291,9 @@ def test_mask_verdict_once_per_mask(model, monkeypatch):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_generate_with_padding_and_fused_decode(model, mode):
     """Left padding (a mask that hides cached tokens) under no_grad and inference_mode: the
-    fused attention falls back to restore + sdpa there and agrees with the plain cache."""
+    fused attention falls back to restore + sdpa there and agrees with the plain cache (both
+    told of the padding)."""
+    track_padding(model)
     ids = torch.cat([_ids(16, seed=8), _ids(16, seed=9)])
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -367,3 +370,63 @@ def test_transformers_without_torch_is_named():
     assert proc.returncode != 0
     assert "ImportError: minitriton.hf: transformers" in proc.stderr
     assert "transformers 5 needs torch >= 2.6" in proc.stderr
+
+
+def _left_padded(n_pad, seed=11):
+    ids = torch.cat([_ids(14, seed=seed), _ids(14, seed=seed + 1)])
+    mask = torch.ones_like(ids)
+    ids[1, :n_pad], mask[1, :n_pad] = 0, 0
+    return ids, mask
+
+
+def test_track_padding_leaves_padding_out_of_retention(model):
+    """With `track_padding`, the prefill merges a left-padded batch with its mask: the merged
+    pairs are `merge(..., mask=)` of the model's own states, bit for bit, and retain no
+    padding. The hook is installed once, hands positional masks over too, and leaves other
+    caches alone."""
+    ids, mask = _left_padded(5)
+    with torch.no_grad():
+        dense = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, dense))
+        states = [(dense.layers[i].keys, dense.layers[i].values) if hasattr(dense, "layers")
+                  else (dense.key_cache[i], dense.value_cache[i]) for i in (3, 4)]
+        track_padding(model)
+        handle = model._minitriton_padding_hook
+        assert track_padding(model) is model and model._minitriton_padding_hook is handle
+        cache = MiniCacheHF(model.config, [PairSpec(3, gamma=0.3)], window=4)
+        model(ids, mask, **cache_kwargs(model, cache))       # (the mask given by position)
+    assert torch.equal(cache.core.attention_mask, mask.bool())
+    merged = cache.core.merged_pairs(3)
+    for part, m in enumerate(merged):
+        t = cache.plan.pairs[0].t
+        want = minitriton.merge(states[0][part], states[1][part], t, 0.3, mask=mask)
+        for name in ("e", "mag_prev", "mag_cur", "retained", "d_min", "d_max"):
+            assert torch.equal(getattr(m, name), getattr(want, name)), name
+        assert not m.retained[1, :, :5].any()
+        unmasked = minitriton.merge(states[0][part], states[1][part], t, 0.3)
+        assert not torch.equal(unmasked.retained, m.retained)   # (the padding would count)
+
+
+def test_generate_left_padded_batch(model):
+    """generate over a left-padded batch with a tracked cache: every forward hands its mask
+    over (the last one covers the prompt and all but the newest token), no padding is
+    retained, beam search's batch edits carry the mask, and a later forward without a mask
+    clears it."""
+    track_padding(model)
+    ids, mask = _left_padded(6, seed=13)
+    for beams in (2, 1):
+        cache = MiniCacheHF(model.config, [PairSpec(3, gamma=0.3)], window=2)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 num_beams=beams, **cache_kwargs(model, cache))
+        assert out.shape == (2, 20)
+        held = cache.core.attention_mask
+        assert held.shape == (2 * beams, 19)
+        assert torch.equal(held[:, :14], mask.repeat_interleave(beams, 0).bool())
+        assert held[:, 14:].all()
+        for m in cache.core.merged_pairs(3):
+            assert not m.retained[beams:, :, :6].any() and m.retained[:beams].any()
+    with torch.no_grad():
+        model(input_ids=out[:, -1:], **cache_kwargs(model, cache))
+    assert cache.core.attention_mask is None

@@ -675,6 +675,108 @@ def test_chunked_merge_with_d_range(backend, device):
                  torch.float32, scale=token_norms(a))
 
 
+# ---- padding (mask) ----------------------------------------------------------------------------
+def _left_padded(xs, lengths, S, pad):
+    """The rows of `xs` (each `[1, H, length, D]`) left-padded to S with `pad`'s states, and
+    the `[B, S]` mask (1 for a token)."""
+    rows, mask = [], torch.zeros(len(lengths), S, dtype=torch.int64)
+    for b, (x, n) in enumerate(zip(xs, lengths)):
+        rows.append(torch.cat([pad[b:b + 1, :, :S - n], x[:, :, :n]], dim=2))
+        mask[b, S - n:] = 1
+    return torch.cat(rows), mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_padded_rows_keep_what_unpadded_rows_keep(backend, device, dtype, magnitude):
+    """A left-padded row with its mask gives, at its tokens, the unpadded row's result bit for
+    bit (e, magnitudes, retention, d_min / d_max), and never retains padding. The pad states
+    here are nearly antiparallel pairs (d near 1): without the mask they would be the rows'
+    d_max and move every threshold."""
+    S, lengths = 19, [19, 11, 1]
+    xp, xc = make_pair(3, 2, S, 48, dtype, device, seed=5, outliers=2)
+    pad_p, _ = make_pair(3, 2, S, 48, dtype, device, seed=6)
+    pad_c = -pad_p + 0.05 * make_pair(3, 2, S, 48, dtype, device, seed=7)[0]
+    rows = [(xp[b:b + 1], xc[b:b + 1]) for b in range(3)]
+    pp, mask = _left_padded([r[0] for r in rows], lengths, S, pad_p)
+    pc, _ = _left_padded([r[1] for r in rows], lengths, S, pad_c)
+    mask = mask.to(device)
+    m = minitriton.merge(pp, pc, 0.6, 0.2, magnitude, mask=mask)
+    unmasked = minitriton.merge(pp, pc, 0.6, 0.2, magnitude)
+    assert not torch.equal(unmasked.d_max, m.d_max)     # (the pads matter without the mask)
+    assert not m.retained[~mask.bool().unsqueeze(1).expand_as(m.retained)].any()
+    for b, n in enumerate(lengths):
+        one = minitriton.merge(xp[b:b + 1, :, :n], xc[b:b + 1, :, :n], 0.6, 0.2, magnitude)
+        for name in ("e", "mag_prev", "mag_cur", "retained"):
+            got = getattr(m, name)[b:b + 1, :, S - n:]
+            assert torch.equal(got, getattr(one, name)), (b, name)
+        for name in ("d_min", "d_max"):
+            assert torch.equal(getattr(m, name)[b:b + 1], getattr(one, name)), (b, name)
+    check_merge_against_reference(m, pp, pc, 0.6, 0.2, magnitude, D_TOL, assert_close,
+                                  mask=mask)
+
+
+@given(S=st.sampled_from([1, 2, 7, 31]), D=st.sampled_from([16, 33, 128]),
+       dtype=st.sampled_from(DTYPES), gamma=st.sampled_from([0.0, 0.3, 1.0]) | st.floats(0, 1),
+       kind=st.sampled_from(["left", "random", "none", "all"]), seed=st.integers(0, 2**16))
+def test_mask_matches_reference_drawn(backend, device, S, D, dtype, gamma, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    xp, xc = make_pair(2, 3, S, D, dtype, device, seed=seed, outliers=1, layout="bshd")
+    if kind == "left":
+        mask = torch.arange(S)[None, :] >= torch.randint(0, S + 1, (2, 1), generator=g)
+    else:
+        mask = torch.rand(2, S, generator=g) < {"random": 0.6, "none": 0.0, "all": 1.1}[kind]
+    m = minitriton.merge(xp, xc, 0.6, gamma, mask=mask.to(device))
+    r = check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", D_TOL, assert_close,
+                                      mask=mask)
+    assert not (m.retained.cpu() & ~mask[:, None, :]).any()
+    # A row without tokens has the extremes of nothing.
+    empty = ~mask.any(-1)
+    assert (m.d_min.cpu()[empty] == 2.0).all() and (m.d_max.cpu()[empty] == -1.0).all()
+    assert np.array_equal(r["retained"] & ~mask[:, None, :].numpy(),
+                          np.zeros_like(r["retained"]))
+
+
+def test_full_mask_changes_nothing(backend, device):
+    """A mask of all tokens (bool or int64) gives the unmasked result, bit for bit."""
+    xp, xc = make_pair(2, 2, 23, 64, torch.bfloat16, device, seed=8, outliers=3)
+    plain = minitriton.merge(xp, xc, 0.6, 0.3, "projection")
+    for mask in (torch.ones(2, 23, dtype=torch.bool), torch.ones(2, 23, dtype=torch.int64)):
+        m = minitriton.merge(xp, xc, 0.6, 0.3, "projection", mask=mask.to(device))
+        for f in dataclasses.fields(m):
+            a, b = getattr(m, f.name), getattr(plain, f.name)
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f.name
+
+
+def test_padding_without_an_angle_is_kept(backend, device):
+    """Padding whose states have a NaN is kept as it was (as any pair without an angle), so it
+    restores to its own states (NaN), not to merged ones."""
+    xp, xc = make_pair(1, 2, 9, 32, torch.float32, device, seed=9)
+    xp[0, 1, 0, 3] = float("nan")
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]], device=device)
+    m = minitriton.merge(xp, xc, 0.6, 0.1, mask=mask)
+    assert m.retained[0, 1, 0] and not m.retained[0, 0, :3].any()
+    assert torch.isnan(minitriton.restore(m)[0][0, 1, 0, 3])
+    check_merge_against_reference(m, xp, xc, 0.6, 0.1, "norm", D_TOL, assert_close, mask=mask)
+
+
+def test_mask_with_d_range(backend, device):
+    """A chunk of padding alone leaves the earlier extremes as they were and retains nothing;
+    a chunk of tokens is thresholded over the earlier tokens and its own."""
+    xp, xc = make_pair(2, 2, 20, 32, torch.float32, device, seed=10, outliers=2)
+    first = minitriton.merge(xp[:, :, :12], xc[:, :, :12], 0.6, 0.1)
+    d_range = (first.d_min, first.d_max)
+    pads = minitriton.merge(xp[:, :, 12:], xc[:, :, 12:], 0.6, 0.1, d_range=d_range,
+                            mask=torch.zeros(2, 8, dtype=torch.bool, device=device))
+    assert pads.num_retained == 0
+    assert torch.equal(pads.d_min, first.d_min) and torch.equal(pads.d_max, first.d_max)
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5], device=device)
+    second = minitriton.merge(xp[:, :, 12:], xc[:, :, 12:], 0.6, 0.1, d_range=d_range,
+                              mask=mask)
+    check_merge_against_reference(second, xp[:, :, 12:], xc[:, :, 12:], 0.6, 0.1, "norm",
+                                  D_TOL, assert_close, d_range=d_range, mask=mask)
+
+
 # ---- bytes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 def test_bytes(backend, device, dtype):
