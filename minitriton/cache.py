@@ -33,8 +33,9 @@ how the later tokens were grouped into forwards.
 
 Padding. `set_attention_mask(mask)` tells the cache which positions hold padding (a `[B, L]`
 mask, 0 for padding, as transformers' attention mask of a left-padded batch): merges then leave
-padding out of each row's extremes and never retain it (`merge(..., mask=)`), so a padded row
-keeps exactly the tokens it keeps unpadded. Padding is still stored (merged) and counted in the
+padding out of each row's extremes and never retain it (`merge(..., mask=)`): with W = 1 and no
+sink, a padded row then holds, at its tokens, exactly what it holds unpadded (a sink takes a
+row's first positions, padding included). Padding is still stored (merged) and counted in the
 bytes; the model's attention mask hides it.
 
 Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
@@ -350,11 +351,14 @@ class MiniCache:
         Positions past L are tokens; None (the default) makes every position a token.
 
         Merges then leave padding out of each row's d_min / d_max and never retain it (see
-        `merge`'s `mask`): a left-padded row keeps exactly the tokens it keeps unpadded.
+        `merge`'s `mask`): with W = 1 and no sink, a left-padded row holds, at its tokens,
+        exactly what it holds unpadded (a sink takes a row's first positions, padding
+        included).
         Set it before the forward whose tokens it covers (`minitriton.hf.track_padding` does
         it for every forward of a transformers model). The cache keeps a bool copy on the
         mask's device; integer values are checked on a CPU (on CUDA, where checking would
-        synchronise, nonzero is a token).
+        synchronise, nonzero is a token). Each merge reads its part of the mask on the host
+        (merge synchronises anyway) and passes no mask when it has no padding.
 
         Example:
             >>> enc = tokenizer(prompts, padding=True, return_tensors="pt")   # left padding
@@ -391,12 +395,12 @@ class MiniCache:
         return self._mask
 
     def _chunk_mask(self, position: int, n: int, ref: torch.Tensor):
-        """The mask of n tokens from `position` on ref's device; None when there is no mask, or
-        (checked for a CPU mask only: no host synchronisation) when they are all tokens."""
+        """The mask of n tokens from `position` on ref's device, or None when they are all
+        tokens (read on the host: a CUDA mask synchronises, as the merge that follows does)."""
         if self._mask is None:
             return None
         m = self._mask[:, position:position + n]
-        if m.device.type == "cpu" and bool(m.all()):
+        if bool(m.all()):
             return None
         if m.shape[1] < n:   # (positions past the mask are tokens)
             m = torch.cat([m, m.new_ones(m.shape[0], n - m.shape[1])], dim=1)
@@ -599,13 +603,14 @@ class MiniCache:
         check_has_data("index", index)
         index = index.long()   # (indexing takes int64 or int32 rows only)
         B = self.batch_size()
-        if B is not None and index.numel():
+        rows = B if B is not None or self._mask is None else self._mask.shape[0]
+        if rows is not None and index.numel():   # (the batch held, else the mask's rows)
             lo, hi = int(index.min()), int(index.max())
-            if lo < -B or hi >= B:
+            if lo < -rows or hi >= rows:
                 raise ValueError(f"index: batch rows from {lo} to {hi} are out of range for a "
-                                 f"batch of {B}")
+                                 f"batch of {rows}")
         self._edit(index, None)
-        if self._mask is not None and B is not None:   # (rows checked against B above)
+        if self._mask is not None:   # (its rows are the batch's: checked where it is set)
             self._mask = self._mask[index.to(self._mask.device)]
 
     def _edit(self, b_idx, length: Optional[int]) -> None:

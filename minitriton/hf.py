@@ -386,15 +386,16 @@ def register_attention() -> None:
 
 
 def _hand_over_mask(module, args, kwargs):
-    """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses (None for a
-    call without one, or with a 4-D mask, which says nothing about padding positions)."""
+    """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses, read as
+    transformers reads it (nonzero for a token, whatever its dtype); None for a call without
+    one, or with a 4-D mask, which says nothing about padding positions."""
     named = dict(zip(forward_params(module), args), **kwargs)   # (arguments given by position)
     cache = named.get("past_key_values")
     if cache is None:
         cache = named.get("cache")
     if isinstance(cache, MiniCacheHF):
         mask = named.get("attention_mask")
-        cache.set_attention_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2
+        cache.set_attention_mask(mask != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2
                                  else None)
 
 
@@ -404,7 +405,8 @@ _HOOK_ATTR = "_minitriton_padding_hook"
 def track_padding(model):
     """Hand every forward's 2-D attention mask to the MiniCacheHF it uses (passed as
     `past_key_values=` or `cache=`), before the forward runs: merges then leave padding out
-    of the retention, so a left-padded row keeps the tokens it keeps unpadded. Installed once
+    of the retention (with W = 1 and no sink, a left-padded row then holds, at its tokens,
+    what it holds unpadded; see `MiniCache.set_attention_mask`). Installed once
     per model (a forward pre-hook; calling it again changes nothing); other caches are left
     alone. Returns the model.
 

@@ -163,9 +163,6 @@ def _check_d_range(d_range, x: torch.Tensor):
     return tuple(out)
 
 
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
     """mask as a bool `[B, S]` tensor on x's device (a view of a bool mask, else a cast)."""
     if not isinstance(mask, torch.Tensor):
@@ -176,7 +173,7 @@ def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
     if tuple(mask.shape) != (B, S):
         raise ValueError(f"mask: expected shape {(B, S)} ([B, S] of x_prev), got "
                          f"{tuple(mask.shape)}")
-    if mask.dtype not in _MASK_DTYPES:
+    if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"mask: dtype {mask.dtype} is not supported (expected bool or an "
                         f"integer dtype, 1 for a token and 0 for padding)")
     if mask.device != x.device:

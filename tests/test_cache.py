@@ -634,3 +634,13 @@ def test_attention_mask_edits_and_errors():
     cache.set_attention_mask(mask)
     cache.set_attention_mask(None)
     assert cache.attention_mask is None
+    # Set before anything is held, the mask follows batch edits (and bounds their rows).
+    cache.set_attention_mask(mask)
+    with pytest.raises(ValueError, match="index: batch rows from 0 to 5 are out of range for a "
+                       "batch of 2"):
+        cache.select_batch(torch.tensor([0, 5]))
+    cache.select_batch(torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(cache.attention_mask, mask[[0, 0, 1, 1]].bool())
+    _feed(cache, [k.repeat_interleave(2, 0) for k in ks], [v.repeat_interleave(2, 0) for v in vs],
+          [6])
+    assert not cache.merged_pairs(1)[0].retained[:2, :, :2].any()

@@ -186,7 +186,11 @@ def test_mask(backend, pair):
             _raises(ValueError, f"mask: expected 1 for a token and 0 for padding, got {bad} at "
                     r"\(0, 3\)", minitriton.merge, xp, xc,
                     mask=torch.tensor([[1, 1, 1, bad, 0]]))
-    # Any integer dtype and strides; the caller's mask is not written.
+    # Any integer dtype (unsigned ones included) and strides; the caller's mask is not written.
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16):
+        m = minitriton.merge(xp, xc, 0.6, 0.5, mask=torch.tensor([[0, 1, 1, 1, 1]], dtype=dtype,
+                                                                 device=dev))
+        assert not m.retained[0, :, 0].any()
     mask = torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1], [1, 1]], dtype=torch.int8,
                         device=dev).t()[1:]
     before = mask.clone()

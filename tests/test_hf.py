@@ -430,3 +430,21 @@ def test_generate_left_padded_batch(model):
     with torch.no_grad():
         model(input_ids=out[:, -1:], **cache_kwargs(model, cache))
     assert cache.core.attention_mask is None
+
+
+def test_masks_of_any_dtype_are_read_as_transformers_reads_them(model):
+    """transformers takes float (and bool) 2-D masks, nonzero for a token: so does the hook,
+    and such masks give the merges of the integer mask."""
+    track_padding(model)
+    ids, mask = _left_padded(4, seed=17)
+    pairs = []
+    for m in (mask, mask.float(), mask.bool(), mask.to(torch.bfloat16)):
+        cache = MiniCacheHF(model.config, [PairSpec(3, gamma=0.3)], window=2)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=m, max_new_tokens=3, min_new_tokens=3,
+                           do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+        assert torch.equal(cache.core.attention_mask[:, :14], mask.bool())
+        pairs.append(cache.core.merged_pairs(3)[0])
+    for p in pairs[1:]:
+        for name in ("e", "retained", "d_min", "d_max"):
+            assert torch.equal(getattr(p, name), getattr(pairs[0], name)), name
