@@ -486,6 +486,36 @@ class MiniCache:
         v_extra = _cat(pair.sink_v[side], pair.tail_v[side])
         return pair.mk, pair.mv, ("prev", "cur")[side], k_extra, v_extra
 
+    def padded_decode_parts(self, layer: int, pads: torch.Tensor):
+        """`decode_parts` for rows whose first `pads[b]` positions are hidden (left padding;
+        `pads` an integer `[B]` CPU tensor): `(k_pair, v_pair, side, k_extra, v_extra,
+        seq_starts, tail_lens)`, so that `decode_attention(..., seq_starts=seq_starts,
+        tail_lens=tail_lens)` attends to the rest alone; or None when the layer has no merged
+        store, or when some row's padding reaches into its tail.
+
+        The store's padding is skipped with `seq_starts`; padding in the sink by placing the
+        sink after the tail, reversed (attention does not depend on the order of the tokens),
+        so that it ends the extra tokens and `tail_lens` leaves it out."""
+        parts = self.decode_parts(layer)
+        if parts is None:
+            return None
+        k_pair, v_pair, side, k_extra, v_extra = parts
+        pair, s = self._locate(layer)
+        sink, merged = _len(pair.sink_k[s]), pair.merged_len()
+        pads = pads.to(torch.int64)
+        if pads.shape != (k_pair.shape[0],) or bool((pads > sink + merged).any()):
+            return None
+        dev = k_pair.device
+        starts = (pads - sink).clamp(0, merged).to(dtype=torch.int32, device=dev)
+        tail_lens = None
+        if sink and bool((pads > 0).any()):
+            tail = _len(pair.tail_k[s])
+            flip = (lambda x: x.flip(2))
+            k_extra = _cat(pair.tail_k[s], flip(pair.sink_k[s]))
+            v_extra = _cat(pair.tail_v[s], flip(pair.sink_v[s]))
+            tail_lens = (tail + sink - pads.clamp(max=sink)).to(dtype=torch.int32, device=dev)
+        return k_pair, v_pair, side, k_extra, v_extra, starts, tail_lens
+
     def crop_is_exact(self, layer: int) -> bool:
         """Whether a `crop` leaves `layer` as it was before the cropped tokens came (what a
         rollback, e.g. assisted decoding's, needs): True for a dense layer, a "mean" pair (each

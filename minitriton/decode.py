@@ -24,14 +24,15 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
                      k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
                      seq_lens: torch.Tensor | None = None, tail_lens: torch.Tensor | None = None,
                      sm_scale: float | None = None, return_lse: bool = False,
-                     num_splits: int | None = None):
+                     num_splits: int | None = None, seq_starts: torch.Tensor | None = None):
     """Softmax attention of one query token per sequence over a merged layer, then a tail.
 
     The keys/values of layer `layer` ("prev" = layer l-1, "cur" = layer l) of a merged pair are
     used as `restore` would give them (mag * e, retained tokens as they were), but the restored
     cache is never built: for a merged token q . k_j = mag_j (q . e_j), the value sum gathers
     mag_j e_j, and retained tokens read their rows of the retained store. The sequence of row b
-    is its first `seq_lens[b]` merged tokens followed by the first `tail_lens[b]` tail tokens.
+    is its merged tokens from `seq_starts[b]` up to `seq_lens[b]`, followed by the first
+    `tail_lens[b]` tail tokens.
 
     Args:
         q: `[B, Hq, D]` float16/bfloat16/float32, any strides. Hq = G * H: query head i reads
@@ -43,6 +44,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
             q's dtype and device, any strides), e.g. the tokens since the last merge.
         seq_lens: optional int32 `[B]` on q's device, values in [0, S]; default S for all rows.
         tail_lens: optional int32 `[B]` on q's device, values in [0, T]; default T.
+        seq_starts: optional int32 `[B]` on q's device, values in [0, S]; default 0: row b's
+            merged tokens before it are skipped (e.g. the padding of a left-padded batch). A
+            start at or past the row's length leaves it no merged token.
         sm_scale: softmax scale, a finite number within float32's range (a one-element
             tensor is read on the host: keep it on the CPU when capturing a CUDA graph);
             default 1 / sqrt(D).
@@ -62,9 +66,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         o is clamped to the dtype's finite range (NaN stays NaN), as `restore` is: values
         beyond it saturate, not become inf.
 
-    Lengths are checked against [0, S] / [0, T] when they live on the CPU. On CUDA that check
-    would need a host synchronisation, so it is not made there; instead the kernels clamp each
-    length into its range, so an out-of-range value never reads outside the cache. The `slot`
+    Lengths and starts are checked against [0, S] / [0, T] when they live on the CPU. On CUDA
+    that check would need a host synchronisation, so it is not made there; instead the kernels
+    clamp each length and start into its range, so an out-of-range value never reads outside the cache. The `slot`
     values of a hand-built MergedPair are likewise checked only on the CPU (see `restore`).
 
     Not differentiable (an inference kernel): no output requires grad; the transformers
@@ -73,7 +77,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     CUDA graphs: the Triton path makes no host synchronisation (no .item(), no nonzero, no
     shape that depends on data) and allocates its outputs and float32 partials before the
     launches, so a call can be captured in a CUDA graph and replayed; the lengths are read from
-    their tensors at replay, so update `seq_lens`/`tail_lens` in place between replays. Pass
+    their tensors at replay, so update `seq_lens`/`tail_lens`/`seq_starts` in place between
+    replays. Pass
     `num_splits` (or keep S + T fixed) to keep the launch geometry that was captured.
 
     Example:
@@ -84,6 +89,7 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     """
     q, k_tail, v_tail, seq_lens, tail_lens, scale, num_splits = _check_args(
         q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
+    _check_lengths("seq_starts", seq_starts, q.shape[0], k.shape[2], "S", q.device)
     # Views with torch's lazy negation bit hold -x in their storage, which the kernels read.
     q, k, v = q.resolve_neg(), resolve_neg(k), resolve_neg(v)
     k_tail, v_tail = (None if x is None else x.resolve_neg() for x in (k_tail, v_tail))
@@ -91,11 +97,11 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         if select_backend(q.device) == "triton":
             from .kernels.decode import decode_attention_triton
             o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens,
-                                             tail_lens, scale, num_splits)
+                                             tail_lens, scale, num_splits, seq_starts=seq_starts)
         else:
             from .torch_decode import decode_attention_torch
             o, lse = decode_attention_torch(q, k, v, layer, k_tail, v_tail, seq_lens,
-                                            tail_lens, scale)
+                                            tail_lens, scale, seq_starts)
     return (o, lse) if return_lse else o
 
 

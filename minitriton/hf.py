@@ -23,8 +23,9 @@ Fused decode. With `use_minitriton_attention(model)`, the model's attention is "
 scaled-dot-product attention (transformers' sdpa function), except that for a one-token query
 over a merged layer the cache hands the attention function a marker instead of restored states,
 and attention runs as `minitriton.decode_attention` over the compressed pair plus the dense sink
-and tail, never building the restored cache. Masks that hide some cached token (left padding)
-fall back to restore + sdpa.
+and tail, never building the restored cache. A mask that hides each row's first keys (left
+padding) runs fused too (`seq_starts` skips the store's padding; padding in a sink is placed
+last and left out by `tail_lens`); masks that hide other keys fall back to restore + sdpa.
 
 Padding. transformers does not pass the attention mask to a cache. `track_padding(model)` hands
 each forward's 2-D attention mask to the MiniCacheHF that the forward uses (a forward pre-hook;
@@ -313,30 +314,42 @@ def cache_kwargs(model, cache) -> dict:
 
 
 # ---- the attention function --------------------------------------------------------------------
-def _mask_hides_nothing(mask: torch.Tensor) -> bool:
-    """The mask's verdict (a host synchronisation when it lives on a GPU)."""
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == 0).all())
+def _hidden_prefix(mask: torch.Tensor):
+    """What a one-token query's mask hides (one host synchronisation when it lives on a GPU):
+    None for nothing; for a `[B, 1, 1, L]` mask that hides the first pads[b] keys of each row
+    and nothing else (left padding), pads as a CPU int64 `[B]` tensor; False for any other
+    mask. Bool masks hide False, additive ones anything but 0."""
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None if bool(visible.all()) else False
+    visible = visible[:, 0, 0]                                               # [B, L]
+    pads = (~visible).to(torch.int32).cumprod(-1).sum(-1)                    # leading hidden
+    prefix = torch.arange(visible.shape[-1], device=mask.device) >= pads.unsqueeze(-1)
+    found = torch.cat([pads.to(torch.int64),                                 # (one read)
+                       (prefix == visible).all().to(torch.int64).view(1)]).cpu()
+    if not found[-1]:
+        return False
+    pads = found[:-1]
+    return None if not bool(pads.any()) else pads
 
 
-def _mask_is_open(mask, owner) -> bool:
-    """True when the mask hides no cached token from a one-token query.
+def _mask_verdict(mask, owner):
+    """`_hidden_prefix` of the mask (None also for no mask, False for a non-tensor).
 
     All layers of one forward get the same mask tensor: its verdict is kept on `owner` and
     reused while the tensor is the same object at the same version (not edited in place), so a
     decode step synchronises with the host once, not once per merged layer. A tensor made under
     `torch.inference_mode()` has no version counter: its verdict is computed every time."""
     if mask is None:
-        return True
+        return None
     if not isinstance(mask, torch.Tensor):
         return False
     if mask.is_inference():
-        return _mask_hides_nothing(mask)
+        return _hidden_prefix(mask)
     memo = owner._mask_memo
     if memo is not None and memo[0]() is mask and memo[1] == mask._version:
         return memo[2]
-    verdict = _mask_hides_nothing(mask)
+    verdict = _hidden_prefix(mask)
     owner._mask_memo = (weakref.ref(mask), mask._version, verdict)
     return verdict
 
@@ -345,8 +358,8 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
                          **kwargs):
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
-    layer, scaled-dot-product attention otherwise (longer queries, masks that hide cached
-    tokens, sliding-window layers, states of different dtypes, and steps that need gradients
+    layer (left padding included), scaled-dot-product attention otherwise (longer queries,
+    masks that hide other cached tokens, or padding in the tail, sliding-window layers, states of different dtypes, and steps that need gradients
     or dropout). Logit soft-capping (e.g. Gemma 2) is refused: neither computes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -366,10 +379,19 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     plain = kwargs.get("sliding_window") is None and query.dtype == mk.dtype == mv.dtype
     # decode_attention is not differentiable and has no dropout: training steps restore.
     inference = dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
-    if plain and inference and query.shape[2] == 1 and _mask_is_open(attention_mask, owner):
-        k_pair, v_pair, side, k_extra, v_extra = owner.core.decode_parts(layer_idx)
+    parts = None
+    if plain and inference and query.shape[2] == 1:
+        hidden = _mask_verdict(attention_mask, owner)
+        if hidden is None:
+            parts = (*owner.core.decode_parts(layer_idx), None, None)
+        elif hidden is not False and attention_mask.shape[-1] == owner.core.seq_len(layer_idx):
+            # Left padding: the hidden keys are each row's first ones (None if not expressible)
+            parts = owner.core.padded_decode_parts(layer_idx, hidden)
+    if parts is not None:
+        k_pair, v_pair, side, k_extra, v_extra, starts, tail_lens = parts
         o = decode_attention(query[:, :, 0], k_pair, v_pair, layer=side, k_tail=k_extra,
-                             v_tail=v_extra, sm_scale=scaling)
+                             v_tail=v_extra, seq_starts=starts, tail_lens=tail_lens,
+                             sm_scale=scaling)
         owner.fused_steps += 1
         return o.unsqueeze(1), None
     k, v = owner.core.get(layer_idx)

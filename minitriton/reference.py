@@ -133,11 +133,13 @@ def restore_ref(m: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_attention_ref(q, k_hat, v_hat, k_tail=None, v_tail=None, seq_lens=None,
-                         tail_lens=None, sm_scale=None) -> tuple[np.ndarray, np.ndarray]:
+                         tail_lens=None, sm_scale=None, seq_starts=None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax attention of one query token per sequence over dense keys/values, float64.
 
     q `[B, Hq, D]`; k_hat, v_hat `[B, H, S, D]` (a restored layer); k_tail, v_tail `[B, H, T, D]`;
-    seq_lens, tail_lens `[B]` (defaults S and T). Query head i reads KV head i // (Hq // H).
+    seq_lens, tail_lens `[B]` (defaults S and T); seq_starts `[B]` (default 0): row b attends to
+    k_hat[b, :, seq_starts[b]:seq_lens[b]], then to its tail. Query head i reads KV head i // (Hq // H).
     Returns (o `[B, Hq, D]`, lse `[B, Hq]`, natural log of the softmax denominator of the scaled
     scores). A row with no token gives o = 0 and lse = -inf.
     """
@@ -149,11 +151,12 @@ def decode_attention_ref(q, k_hat, v_hat, k_tail=None, v_tail=None, seq_lens=Non
     T = 0 if k_tail is None else k_tail.shape[2]
     seq_lens = np.full(B, S) if seq_lens is None else _as64(seq_lens).astype(np.int64)
     tail_lens = np.full(B, T) if tail_lens is None else _as64(tail_lens).astype(np.int64)
+    starts = np.zeros(B, np.int64) if seq_starts is None else _as64(seq_starts).astype(np.int64)
     o = np.zeros((B, Hq, D))
     lse = np.full((B, Hq), -np.inf)
     for b in range(B):
-        ks = [k_hat[b, :, : seq_lens[b]]]
-        vs = [v_hat[b, :, : seq_lens[b]]]
+        ks = [k_hat[b, :, starts[b]: max(starts[b], seq_lens[b])]]
+        vs = [v_hat[b, :, starts[b]: max(starts[b], seq_lens[b])]]
         if T:
             ks.append(_as64(k_tail)[b, :, : tail_lens[b]])
             vs.append(_as64(v_tail)[b, :, : tail_lens[b]])

@@ -57,7 +57,8 @@ def _weighted_rows(w: torch.Tensor, e: torch.Tensor, unused=None) -> torch.Tenso
 
 
 def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer: str,
-                           k_tail, v_tail, seq_lens, tail_lens, sm_scale: float):
+                           k_tail, v_tail, seq_lens, tail_lens, sm_scale: float,
+                           seq_starts=None):
     """(o [B, Hq, D] in q.dtype, lse [B, Hq] float32). Arguments are validated by the caller."""
     B, Hq, D = q.shape
     _, H, S, _ = k.shape
@@ -65,6 +66,13 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     f32 = torch.float32
     dev = q.device
     qg = q.reshape(B, H, G, D).to(f32) * sm_scale                            # [B, H, G, D]
+    # Merged tokens outside [seq_starts, seq_lens) of their row: bool [B, 1, S], or None.
+    dead = None
+    if seq_lens is not None:
+        dead = torch.arange(S, device=dev) >= seq_lens.view(B, 1, 1)
+    if seq_starts is not None:
+        before = torch.arange(S, device=dev) < seq_starts.view(B, 1, 1)
+        dead = before if dead is None else dead | before
 
     # Scores of merged tokens: mag_j (q . e_j), then the retained ones from their originals.
     mag_k, kept_k = _layer_parts(k, layer)
@@ -75,8 +83,8 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
         bh, pos = _retained_index(k.slot, kept_k.shape[0], dev.type != "cpu")
         q_rows = qg.reshape(B * H, G, D)[bh]                                 # [N, G, D]
         s.view(B * H, G, S)[bh, :, pos] = torch.einsum("ngd,nd->ng", q_rows, kept_k.to(f32))
-    if seq_lens is not None:
-        s.masked_fill_(torch.arange(S, device=dev) >= seq_lens.view(B, 1, 1, 1), float("-inf"))
+    if dead is not None:
+        s.masked_fill_(dead.unsqueeze(2), float("-inf"))
 
     has_tail = k_tail is not None and k_tail.shape[2] > 0
     if has_tail:
@@ -95,13 +103,12 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     den = p.sum(-1)
 
     # Values: (p * mag_v) @ e_v, with the retained tokens' terms swapped for p * kept. Rows
-    # past a length, and retained rows' e, are never used but may hold anything (a NaN in a
-    # preallocated buffer): their weight is 0, and 0 * NaN would be NaN.
+    # outside the lengths, and retained rows' e, are never used but may hold anything (a NaN in
+    # a preallocated buffer): their weight is 0, and 0 * NaN would be NaN.
     mag_v, kept_v = _layer_parts(v, layer)
-    unused = None                                                            # [B, H, S]
-    if seq_lens is not None:
-        unused = torch.arange(S, device=dev) >= seq_lens.view(B, 1, 1)
-        mag_v = mag_v.masked_fill(unused, 0.0)
+    unused = dead                                                            # [B, 1 or H, S]
+    if dead is not None:
+        mag_v = mag_v.masked_fill(dead, 0.0)
     pm = p * mag_v.unsqueeze(2)
     if kept_v.shape[0]:
         bh_v, pos_v = _retained_index(v.slot, kept_v.shape[0], dev.type != "cpu")
@@ -111,12 +118,11 @@ def decode_attention_torch(q: torch.Tensor, k: MergedPair, v: MergedPair, layer:
     o = _weighted_rows(pm, v.e, None if dev.type == "cpu" else unused)
     if unused is not None and dev.type == "cpu" and not bool(torch.isfinite(o).all()):
         o = _weighted_rows(pm, v.e, unused)   # (no host synchronisation to ask, on a CPU)
-    # The retained originals past a length, likewise, are zeroed.
+    # The retained originals outside the lengths, likewise, are zeroed.
     if kept_v.shape[0]:
         kv = kept_v.to(f32)
-        if seq_lens is not None:
-            live = pos_v < seq_lens.to(torch.long)[bh_v // H]
-            kv = kv.masked_fill(~live.unsqueeze(-1), 0.0)
+        if dead is not None:
+            kv = kv.masked_fill(dead[bh_v // H, 0, pos_v].unsqueeze(-1), 0.0)
         o.view(B * H, G, D).index_add_(0, bh_v, p_ret.unsqueeze(-1) * kv.unsqueeze(1))
     if has_tail:
         pt = st.sub_(m.unsqueeze(-1)).exp_()

@@ -644,3 +644,32 @@ def test_attention_mask_edits_and_errors():
     _feed(cache, [k.repeat_interleave(2, 0) for k in ks], [v.repeat_interleave(2, 0) for v in vs],
           [6])
     assert not cache.merged_pairs(1)[0].retained[:2, :, :2].any()
+
+
+@pytest.mark.parametrize("pads", [[0, 4], [3, 1], [2, 0], [9, 0]])
+def test_padded_decode_parts(pads):
+    """decode_attention over `padded_decode_parts` attends to the keys after each row's first
+    `pads[b]` positions (in the sink, the store, or both), as attention over `get(layer)`
+    does; padding that reaches the tail is not expressible (None), nor is a dense layer."""
+    from minitriton.reference import decode_attention_ref
+
+    L, prompt, steps = 3, 9, 5
+    ks, vs = _states(L, prompt + steps, seed=41)
+    cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=2)], window=3)
+    _feed(cache, ks, vs, [prompt] + [1] * steps)
+    pads = torch.tensor(pads)
+    q = torch.randn(B, 2 * H, D, generator=torch.Generator().manual_seed(5))
+    assert cache.padded_decode_parts(0, pads) is None
+    for layer in (1, 2):
+        parts = cache.padded_decode_parts(layer, pads)
+        sink, merged = 2, cache.merged_pairs(1)[0].shape[2]
+        if int(pads.max()) > sink + merged:
+            assert parts is None
+            continue
+        k_pair, v_pair, side, k_extra, v_extra, starts, tail_lens = parts
+        o = minitriton.decode_attention(q, k_pair, v_pair, layer=side, k_tail=k_extra,
+                                        v_tail=v_extra, seq_starts=starts, tail_lens=tail_lens)
+        k, v = cache.get(layer)
+        want, _ = decode_attention_ref(q, k, v, seq_starts=pads)
+        torch.testing.assert_close(o.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    assert cache.padded_decode_parts(2, torch.tensor([cache.seq_len(2), 0])) is None

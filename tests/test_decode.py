@@ -402,6 +402,57 @@ def test_matches_reference_drawn(backend, device, B, H, G, S, T, D, dtype, layer
     c.check(layer, tail=T > 0, **kw)
 
 
+# ---- row starts (left padding) ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_seq_starts(backend, device, dtype, num_splits):
+    """Merged tokens before seq_starts[b] are skipped: starts inside a split, on a split's
+    edge, at the row's length (no merged token) and past it; with and without a tail."""
+    c = Case(4, 2, 3, 37, 5, 48, dtype, device, seed=31)
+    starts, lens = i32([0, 12, 30, 20], device), i32([37, 30, 30, 9], device)
+    for layer in ("prev", "cur"):
+        c.check(layer, num_splits=num_splits, seq_starts=starts, seq_lens=lens,
+                tail_lens=i32([5, 0, 2, 3], device))
+        c.check(layer, tail=False, num_splits=num_splits, seq_starts=i32([3, 16, 0, 36], device))
+
+
+@given(B=st.integers(1, 3), G=st.sampled_from([1, 4]), S=st.sampled_from([1, 2, 13, 40]),
+       T=st.sampled_from([0, 3]), D=st.sampled_from([16, 80]), dtype=st.sampled_from(DTYPES),
+       num_splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_seq_starts_drawn(backend, device, B, G, S, T, D, dtype, num_splits, seed):
+    c = Case(B, 2, G, S, T, D, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32)
+    lens = torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32)
+    c.check("cur", tail=T > 0, num_splits=num_splits, seq_starts=starts.to(device),
+            seq_lens=lens.to(device))
+
+
+def test_tokens_before_the_start_may_hold_anything(backend, device):
+    """A left-padded row's padding never reaches the output, whatever its e, magnitudes or
+    retained rows hold (NaN and inf included)."""
+    c = Case(2, 2, 2, 21, 3, 32, torch.float32, device, seed=33, gamma=0.5)
+    starts = i32([7, 0], device)
+    want = c.run("cur", seq_starts=starts)
+    before = (torch.arange(21, device=device) < starts.view(2, 1, 1)).expand(2, 2, 21)
+    bad = {}
+    for name in ("k", "v"):
+        m = getattr(c, name)
+        e = m.e.clone()
+        e[before] = float("nan")
+        kept = m.kept_cur.clone()
+        kept[m.slot[before & m.retained].long()] = float("inf")
+        mag = m.mag_cur.masked_fill(before, float("nan"))
+        bad[name] = MergedPair(e, m.mag_prev, mag, m.slot, m.kept_prev, kept, m.d_min, m.d_max,
+                               m.t, m.gamma, m.magnitude)
+    assert (c.k.retained & before).any()
+    got = decode_attention(c.q, bad["k"], bad["v"], layer="cur", k_tail=c.k_tail,
+                           v_tail=c.v_tail, seq_starts=starts, return_lse=True)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 # ---- split heuristic -------------------------------------------------------------------------
 def test_wide_d_offsets(device, monkeypatch):
     """The split kernel reads e and the retained rows with int32 offsets along D unless one

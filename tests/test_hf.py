@@ -265,34 +265,46 @@ def test_configs_without_a_layer_count_are_named():
 
 def test_mask_verdict_once_per_mask(model, monkeypatch):
     """The layers of a step share one mask: its verdict (a host sync on a GPU) is computed once
-    per mask tensor, and again when the tensor is another one or was edited in place."""
+    per mask tensor, and again when the tensor is another one or was edited in place. The
+    verdict: None when the mask hides nothing, each row's count of hidden first keys when it
+    hides those alone (left padding), False otherwise."""
     from minitriton import hf
 
     calls = []
-    real = hf._mask_hides_nothing
-    monkeypatch.setattr(hf, "_mask_hides_nothing", lambda m: calls.append(1) or real(m))
+    real = hf._hidden_prefix
+    monkeypatch.setattr(hf, "_hidden_prefix", lambda m: calls.append(1) or real(m))
     owner = MiniCacheHF(model.config)
     mask = torch.zeros(2, 1, 1, 9)
-    assert all(hf._mask_is_open(mask, owner) for _ in range(L)) and len(calls) == 1
-    mask[1, 0, 0, 0] = float("-inf")               # edited in place: a new version
-    assert not hf._mask_is_open(mask, owner) and len(calls) == 2
+    assert all(hf._mask_verdict(mask, owner) is None for _ in range(L)) and len(calls) == 1
+    mask[1, 0, 0, :2] = float("-inf")              # edited in place: a new version
+    assert torch.equal(hf._mask_verdict(mask, owner), torch.tensor([0, 2])) and len(calls) == 2
+    mask[0, 0, 0, 5] = torch.finfo(torch.float32).min           # a hole: not left padding
+    assert hf._mask_verdict(mask, owner) is False and len(calls) == 3
     other = torch.ones(2, 1, 1, 9, dtype=torch.bool)
-    assert hf._mask_is_open(other, owner) and hf._mask_is_open(other, owner)
-    assert len(calls) == 3
-    assert hf._mask_is_open(None, owner) and not hf._mask_is_open("causal", owner)
+    assert hf._mask_verdict(other, owner) is None and hf._mask_verdict(other, owner) is None
+    assert len(calls) == 4
+    assert hf._mask_verdict(None, owner) is None and hf._mask_verdict("causal", owner) is False
     with torch.inference_mode():               # no version counter: no memo, every call counts
         inf = torch.zeros(2, 1, 1, 9)
-        assert hf._mask_is_open(inf, owner) and hf._mask_is_open(inf, owner)
+        assert hf._mask_verdict(inf, owner) is None and hf._mask_verdict(inf, owner) is None
         inf[0, 0, 0, 3] = float("-inf")
-        assert not hf._mask_is_open(inf, owner)
-    assert len(calls) == 6
+        assert hf._mask_verdict(inf, owner) is False
+    assert len(calls) == 7
+    left = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    left[0, ..., :6] = False
+    left[2, ..., :1] = False
+    assert torch.equal(hf._hidden_prefix(left), torch.tensor([6, 0, 1]))
+    heads = torch.ones(2, 4, 1, 6, dtype=torch.bool)           # per-head masks: all or nothing
+    assert hf._hidden_prefix(heads) is None
+    heads[1, 2, 0, 0] = False
+    assert hf._hidden_prefix(heads) is False
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_generate_with_padding_and_fused_decode(model, mode):
-    """Left padding (a mask that hides cached tokens) under no_grad and inference_mode: the
-    fused attention falls back to restore + sdpa there and agrees with the plain cache (both
-    told of the padding)."""
+    """Left padding (a mask that hides each row's first cached tokens) under no_grad and
+    inference_mode: decode steps run fused (the store's padding skipped) and generate what
+    restore + sdpa does (both caches told of the padding)."""
     track_padding(model)
     ids = torch.cat([_ids(16, seed=8), _ids(16, seed=9)])
     mask = torch.ones_like(ids)
@@ -310,7 +322,7 @@ def test_generate_with_padding_and_fused_decode(model, mode):
                                            **cache_kwargs(model, cache)))
         finally:
             model.set_attn_implementation(cfg)
-    assert cache.fused_steps == 0 and cache.core.merged_pairs(3)[0].shape[2] > 0
+    assert cache.fused_steps == 4 * 2 and cache.core.merged_pairs(3)[0].shape[2] > 0
     assert torch.equal(outs[0], outs[1])
 
 
@@ -448,3 +460,33 @@ def test_masks_of_any_dtype_are_read_as_transformers_reads_them(model):
     for p in pairs[1:]:
         for name in ("e", "retained", "d_min", "d_max"):
             assert torch.equal(getattr(p, name), getattr(pairs[0], name)), name
+
+
+def test_fused_decode_with_left_padding_matches_restore(model):
+    """Fused decode steps over a left-padded batch whose padding fills a sink (row 2), spans
+    the sink and the store (row 1) or is absent (row 0) give restore + sdpa's logits."""
+    track_padding(model)
+    ids = torch.cat([_ids(14, seed=s) for s in (20, 21, 22)])
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    ids[2, :1], mask[2, :1] = 0, 0
+    plan = [PairSpec(1, gamma=0.2, sink=2), PairSpec(3, magnitude="projection")]
+    plain = MiniCacheHF(model.config, plan, window=3)
+    fused = MiniCacheHF(model.config, plan, window=3)
+    cfg = model.config._attn_implementation
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, plain))
+        try:
+            use_minitriton_attention(model)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, fused))
+            for step in range(5):
+                tok = torch.cat([_ids(1, seed=30 + 3 * step + r) for r in range(3)])
+                mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+                model.set_attn_implementation(cfg)
+                a = model(input_ids=tok, attention_mask=mask, **cache_kwargs(model, plain)).logits
+                use_minitriton_attention(model)
+                b = model(input_ids=tok, attention_mask=mask, **cache_kwargs(model, fused)).logits
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        finally:
+            model.set_attn_implementation(cfg)
+    assert fused.fused_steps == 5 * 4 and plain.fused_steps == 0

@@ -101,7 +101,8 @@ def _online_softmax(s, v, m_i, l_i, acc):
 
 @triton.jit(do_not_specialize=["S", "T", "chunk", "G", "NUM_GB"])
 def _decode_split_kernel(
-    Q, EK, MAGK, SLOTK, KEPTK, EV, MAGV, SLOTV, KEPTV, KT, VT, SEQ_LENS, TAIL_LENS, WS,
+    Q, EK, MAGK, SLOTK, KEPTK, EV, MAGV, SLOTV, KEPTV, KT, VT, SEQ_LENS, TAIL_LENS, SEQ_STARTS,
+    WS,
     sm_scale, S, T, chunk, G, H, NUM_GB, D,
     stride_qb, stride_qh, stride_qd,
     stride_ekb, stride_ekh, stride_eks, stride_ekd,
@@ -111,10 +112,12 @@ def _decode_split_kernel(
     stride_ktb, stride_kth, stride_kts, stride_ktd,
     stride_vtb, stride_vth, stride_vts, stride_vtd,
     stride_wb, stride_wh, stride_ws,
-    HAS_TAIL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, WIDE_D: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_STARTS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_D: tl.constexpr,
 ):
     """Program (kv head b*H+h, group block, split): partial softmax over `chunk` tokens.
+
+    HAS_STARTS: row b's merged tokens before SEQ_STARTS[b] are skipped (left padding).
 
     WIDE_D: e or the retained rows have a D stride such that D offsets times it pass 2^31
     (only a hand-built view of a pair can): their offsets along D are then int64, which costs
@@ -149,6 +152,9 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
+    # The row's merged tokens [row_start, seq_len) are positions [0, seq_len) of the virtual
+    # sequence (merged tokens, then the tail): with starts, the row's pointers begin at its
+    # start, so the splits share its tokens alone, in aligned blocks, as without starts.
     # Merged tokens [lo, min(hi, seq_len)) of this split.
     p_ek = EK + i_b * stride_ekb + i_h * stride_ekh
     p_mk = MAGK + i_b * stride_mkb + i_h * stride_mkh
@@ -156,6 +162,15 @@ def _decode_split_kernel(
     p_ev = EV + i_b * stride_evb + i_h * stride_evh
     p_mv = MAGV + i_b * stride_mvb + i_h * stride_mvh
     p_sv = SLOTV + i_b * stride_mvb + i_h * stride_mvh
+    if HAS_STARTS:
+        row_start = tl.minimum(tl.maximum(tl.load(SEQ_STARTS + i_b), 0), seq_len).to(tl.int64)
+        seq_len -= row_start.to(tl.int32)
+        p_ek += row_start * stride_eks
+        p_mk += row_start * stride_mks
+        p_sk += row_start * stride_mks
+        p_ev += row_start * stride_evs
+        p_mv += row_start * stride_mvs
+        p_sv += row_start * stride_mvs
     end = tl.minimum(hi, seq_len)
     for start in range(lo, end, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)                                  # [BLOCK_N]
@@ -315,11 +330,12 @@ def wide_d(*xs: torch.Tensor) -> bool:
 
 
 def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale,
-                            num_splits=None, *, out=None, lse=None, workspace=None):
+                            num_splits=None, *, seq_starts=None, out=None, lse=None,
+                            workspace=None):
     """Launch the split and reduce kernels. Arguments are validated by the caller.
 
     q [B, Hq, D]; k, v MergedPair [B, H, S, D]; k_tail/v_tail [B, H, T, D] or None;
-    seq_lens/tail_lens int32 [B] on q's device or None; sm_scale float.
+    seq_lens/tail_lens/seq_starts int32 [B] on q's device or None; sm_scale float.
     out ([B, Hq, D], q.dtype), lse ([B, Hq] float32) and workspace ([B, Hq, num_splits, D + 2]
     float32) may be given preallocated (e.g. NaN-filled by tests); every element is written.
     Returns (o, lse).
@@ -377,18 +393,21 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
     kt_strides = kt.stride() if has_tail else (0, 0, 0, 0)
     vt_strides = vt.stride() if has_tail else (0, 0, 0, 0)
     tl_ptr = tail_lens if has_tail else seq_lens
+    has_starts = seq_starts is not None
+    starts_ptr = seq_starts.contiguous() if has_starts else seq_lens
 
     grid = (B * H * num_gb, num_splits)
     _decode_split_kernel[grid](
         q, k.e, mag_k, slot_k, kept_k, v.e, mag_v, slot_v, kept_v, kt, vt, seq_lens, tl_ptr,
-        workspace,
+        starts_ptr, workspace,
         sm_scale, S, T, chunk, G, H, num_gb, D,
         *q.stride(),
         *k.e.stride(), *mag_k.stride(), *kept_k.stride(),
         *v.e.stride(), *mag_v.stride(), *kept_v.stride(),
         *kt_strides, *vt_strides,
         workspace.stride(0), workspace.stride(1), workspace.stride(2),
-        HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+        HAS_TAIL=has_tail, HAS_STARTS=has_starts, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=bd,
         WIDE_D=wide_d(k.e, v.e, kept_k, kept_v),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -410,7 +429,8 @@ def aot_specs() -> list:
     compiled with `triton.compile(ASTSource(jit_fn, signature, constexprs),
     target=GPUTarget("cuda", cc, 32), options=dict(num_warps=..., num_stages=...))`.
     The configs are those the launcher picks on a GPU: every cache dtype, every BLOCK_D
-    (D in [16, 256]), with and without a tail, and the WIDE_D build of each (named "_wideD":
+    (D in [16, 256]), with and without a tail, with and without row starts, and the WIDE_D
+    build of each (named "_wideD":
     only hand-built views of a pair need it, and a few bytes of spills there are tolerated);
     the reduce kernel per dtype and BLOCK_D.
     """
@@ -421,25 +441,27 @@ def aot_specs() -> list:
         ty = torch_to_tl_dtype(dtype)
         for bd in _GPU_CONFIGS:
             cfg = _gpu_config(bd)
-            for has_tail, wide in itertools.product((False, True), (False, True)):
+            for has_tail, starts, wide in itertools.product((False, True), (False, True),
+                                                            (False, True)):
                 sig = {}
                 for a in split_args:
                     if a in ("Q", "EK", "KEPTK", "EV", "KEPTV", "KT", "VT"):
                         sig[a] = "*" + ty
                     elif a in ("MAGK", "MAGV", "WS"):
                         sig[a] = "*fp32"
-                    elif a in ("SLOTK", "SLOTV", "SEQ_LENS", "TAIL_LENS"):
+                    elif a in ("SLOTK", "SLOTV", "SEQ_LENS", "TAIL_LENS", "SEQ_STARTS"):
                         sig[a] = "*i32"
                     elif a == "sm_scale":
                         sig[a] = "fp32"
-                    elif a in ("HAS_TAIL", "BLOCK_G", "BLOCK_N", "BLOCK_D", "WIDE_D"):
+                    elif a in ("HAS_TAIL", "HAS_STARTS", "BLOCK_G", "BLOCK_N", "BLOCK_D",
+                               "WIDE_D"):
                         sig[a] = "constexpr"
                     else:
                         sig[a] = "i32"
-                consts = dict(HAS_TAIL=has_tail, BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_D=bd, WIDE_D=wide)
+                consts = dict(HAS_TAIL=has_tail, HAS_STARTS=starts, BLOCK_G=BLOCK_G,
+                              BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, WIDE_D=wide)
                 name = (f"decode_split_{ty}_d{bd}_n{cfg['BLOCK_N']}" + ("_tail" if has_tail else "")
-                        + ("_wideD" if wide else ""))
+                        + ("_starts" if starts else "") + ("_wideD" if wide else ""))
                 specs.append((name, _decode_split_kernel, sig, consts, cfg["num_warps"],
                               cfg["num_stages"]))
             sig = {}
