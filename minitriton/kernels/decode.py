@@ -156,21 +156,23 @@ def _decode_split_kernel(
     # sequence (merged tokens, then the tail): with starts, the row's pointers begin at its
     # start, so the splits share its tokens alone, in aligned blocks, as without starts.
     # Merged tokens [lo, min(hi, seq_len)) of this split.
-    p_ek = EK + i_b * stride_ekb + i_h * stride_ekh
-    p_mk = MAGK + i_b * stride_mkb + i_h * stride_mkh
-    p_sk = SLOTK + i_b * stride_mkb + i_h * stride_mkh
-    p_ev = EV + i_b * stride_evb + i_h * stride_evh
-    p_mv = MAGV + i_b * stride_mvb + i_h * stride_mvh
-    p_sv = SLOTV + i_b * stride_mvb + i_h * stride_mvh
+    o_ek = i_b * stride_ekb + i_h * stride_ekh
+    o_mk = i_b * stride_mkb + i_h * stride_mkh
+    o_ev = i_b * stride_evb + i_h * stride_evh
+    o_mv = i_b * stride_mvb + i_h * stride_mvh
     if HAS_STARTS:
-        row_start = tl.minimum(tl.maximum(tl.load(SEQ_STARTS + i_b), 0), seq_len).to(tl.int64)
-        seq_len -= row_start.to(tl.int32)
-        p_ek += row_start * stride_eks
-        p_mk += row_start * stride_mks
-        p_sk += row_start * stride_mks
-        p_ev += row_start * stride_evs
-        p_mv += row_start * stride_mvs
-        p_sv += row_start * stride_mvs
+        row_start = tl.minimum(tl.maximum(tl.load(SEQ_STARTS + i_b), 0), S)
+        seq_len = tl.maximum(seq_len - row_start, 0)
+        o_ek += row_start.to(tl.int64) * stride_eks
+        o_mk += row_start.to(tl.int64) * stride_mks
+        o_ev += row_start.to(tl.int64) * stride_evs
+        o_mv += row_start.to(tl.int64) * stride_mvs
+    p_ek = EK + o_ek
+    p_mk = MAGK + o_mk
+    p_sk = SLOTK + o_mk
+    p_ev = EV + o_ev
+    p_mv = MAGV + o_mv
+    p_sv = SLOTV + o_mv
     end = tl.minimum(hi, seq_len)
     for start in range(lo, end, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)                                  # [BLOCK_N]
@@ -266,10 +268,16 @@ def _decode_reduce_kernel(
 _GPU_CONFIGS = {16: (32, 8, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (16, 8, 1),
                 256: (32, 8, 1)}
 _GPU_CONFIGS_BEFORE_3_7 = {256: (16, 8, 1)}
+# With row starts and a tail (HAS_STARTS, HAS_TAIL), D = 256 at 8 warps sits at 255
+# registers and spills 4-8 bytes with triton 3.9 in some dtypes; 16 warps halve each thread's
+# share of the tiles (128 registers, no spills) at the same programs per multiprocessor.
+# (Without a tail, 16 warps spill kilobytes and 8 do not.)
+_GPU_CONFIGS_STARTS_TAIL = {256: (32, 16, 1)}
 
 
-def kernel_config(D: int, dtype: torch.dtype) -> dict:
-    """BLOCK_N, num_warps, num_stages of the split kernel for head dim D and cache dtype.
+def kernel_config(D: int, dtype: torch.dtype, starts: bool = False, tail: bool = False) -> dict:
+    """BLOCK_N, num_warps, num_stages of the split kernel for head dim D and cache dtype (and
+    whether rows have starts and a tail).
 
     Fixed heuristics rather than autotuning: the launcher needs BLOCK_N to size the splits, an
     autotuner cannot benchmark under CUDA-graph capture, and decode is memory-bound (bigger
@@ -279,13 +287,15 @@ def kernel_config(D: int, dtype: torch.dtype) -> dict:
     if interpreter_enabled():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     del dtype
-    return _gpu_config(block_d(D))
+    return _gpu_config(block_d(D), starts, tail)
 
 
-def _gpu_config(bd: int) -> dict:
+def _gpu_config(bd: int, starts: bool = False, tail: bool = False) -> dict:
     n, w, st = _GPU_CONFIGS[bd]
     if version(triton.__version__) < (3, 7):
         n, w, st = _GPU_CONFIGS_BEFORE_3_7.get(bd, (n, w, st))
+    elif starts and tail:
+        n, w, st = _GPU_CONFIGS_STARTS_TAIL.get(bd, (n, w, st))
     return dict(BLOCK_N=n, num_warps=w, num_stages=st)
 
 
@@ -348,7 +358,7 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
     T = 0 if k_tail is None else k_tail.shape[2]
     has_tail = T > 0
     num_gb = triton.cdiv(G, BLOCK_G)
-    cfg = kernel_config(D, q.dtype)
+    cfg = kernel_config(D, q.dtype, seq_starts is not None, has_tail)
     bd = block_d(D)
     if num_splits is None:
         num_splits = choose_num_splits(B * H * num_gb, S + T, cfg["BLOCK_N"], num_sms(q.device))
@@ -440,9 +450,9 @@ def aot_specs() -> list:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         ty = torch_to_tl_dtype(dtype)
         for bd in _GPU_CONFIGS:
-            cfg = _gpu_config(bd)
             for has_tail, starts, wide in itertools.product((False, True), (False, True),
                                                             (False, True)):
+                cfg = _gpu_config(bd, starts, has_tail)
                 sig = {}
                 for a in split_args:
                     if a in ("Q", "EK", "KEPTK", "EV", "KEPTV", "KT", "VT"):
