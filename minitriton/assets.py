@@ -81,6 +81,11 @@ def load_text() -> str:
     return text_path().read_text(encoding="utf-8")
 
 
+# Tokens of the embedded text under the embedded model's tokenizer (a model test checks it):
+# the command line bounds --windows with it before loading the model.
+TEXT_TOKENS = 75680
+
+
 def available() -> bool:
     """True when the model, the text and the libraries to load them are all installed."""
     try:

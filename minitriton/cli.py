@@ -60,6 +60,34 @@ def _shape(text: str) -> tuple:
     return dims
 
 
+def _windows(start: int = 0):
+    """An argparse type: a window count >= 1 that the embedded text holds from token `start`
+    (eval: 0; calibrate: after the eval windows)."""
+    from .assets import TEXT_TOKENS
+    from .evaluate import CONTINUATION, PREFIX, STRIDE
+    most = (TEXT_TOKENS - start - PREFIX - CONTINUATION) // STRIDE + 1
+    return _number(int, lambda v: 1 <= v <= most,
+                   f"an int in [1, {most}] (windows of the embedded text)")
+
+
+def _out_file(path: str) -> str:
+    """An argparse type: a file path whose folder exists and that is not a folder itself."""
+    p = Path(path)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{path!r} is a folder; expected a file path")
+    if not p.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder of {path!r} does not exist")
+    return path
+
+
+def _out_dir(path: str) -> str:
+    """An argparse type: a folder path (created later) that is not an existing file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{path!r} is a file; expected a folder")
+    return path
+
+
 def _load(args):
     from .assets import load_model, load_text
     t0 = time.perf_counter()
@@ -92,7 +120,7 @@ def _configs(model, args) -> dict:
     if getattr(args, "plan", None):
         extra["custom"] = _plan_for(args.plan, L)
     configs = default_configs(L, extra)
-    if getattr(args, "configs", None):
+    if getattr(args, "configs", None) is not None:
         configs = {n: configs[n] for n in _config_names(args.configs, list(configs))}
     return configs
 
@@ -107,9 +135,12 @@ def _plan_for(text: str, num_layers: int) -> MergePlan:
 
 
 def _config_names(spec: str, known: list) -> list:
-    """The names in `spec` ("a,b"), each in `known`, and "custom" (the --plan) whenever it is
-    known; SystemExit naming the unknown ones."""
+    """The names in `spec` ("a,b"), each in `known`, with "full" (the baseline of the PPL
+    change) and "custom" (the --plan) whenever it is known; SystemExit naming the unknown
+    ones."""
     names = [n.strip() for n in spec.split(",")]
+    if "full" in known and "full" not in names:
+        names.insert(0, "full")         # the baseline of every change
     if "custom" in known and "custom" not in names:
         names.append("custom")          # --plan is always evaluated
     unknown = [n for n in names if n not in known]
@@ -123,7 +154,7 @@ def cmd_eval(args) -> int:
     from .calibrate import SHIPPED_PLANS, SMOLLM2_135M_SHAPE
     from .evaluate import DEFAULT_CONFIGS, evaluate, format_plans, format_table
     # Names and the plan are checked before the model loads (and again against it).
-    if args.configs:
+    if args.configs is not None:
         _config_names(args.configs, [*DEFAULT_CONFIGS, *SHIPPED_PLANS]
                       + (["custom"] if args.plan else []))
     if args.plan:
@@ -131,11 +162,11 @@ def cmd_eval(args) -> int:
     model, tok, text = _load(args)
     configs = _configs(model, args)
     t0 = time.perf_counter()
-    results = evaluate(model, tok, text, configs, n_windows=args.windows, window=args.window,
+    results = evaluate(model, tok, text, configs, n_windows=args.windows,
                        progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
     print(format_table(results))
-    print(f"\n{args.windows} windows x 256 tokens, W={args.window}, {elapsed:.0f}s")
+    print(f"\n{args.windows} windows x 256 tokens, {elapsed:.0f}s")
     print("per-pair settings:\n" + format_plans(results, names=[n for n in results
                                                                  if n.startswith("calib")]
                                                  or None))
@@ -149,8 +180,8 @@ def cmd_calibrate(args) -> int:
     from .plots import plot_similarity, plot_tradeoff
     model, tok, text = _load(args)
     report = calibrate(model, tok, text, budget_pct=args.budget, n_windows=args.windows,
-                       sink=args.sink, top=args.top, window=args.window,
-                       progress=not args.no_progress, return_report=True)
+                       sink=args.sink, top=args.top, progress=not args.no_progress,
+                       return_report=True)
     print(report.describe())
     print(f"calibration took {report.seconds:.0f}s")
     print("pair  key cos  value cos  merge cost (% PPL, alone)  best setting")
@@ -213,8 +244,9 @@ def cmd_demo(args) -> int:
     mini_text, mini_s = _generate(model, tok, args.prompt, cache, args.max_new_tokens)
     print(f"[dense cache, {dense_s:.1f}s]\n{dense_text}\n")
     print(f"[MiniCache {name}, {mini_s:.1f}s, {cache.get_seq_length()} tokens held at "
-          f"{cache.compression_ratio:.2f}x, {cache.fused_steps} fused decode steps; the newest "
-          f"tokens, fewer than W={args.window}, stay dense]\n{mini_text}\n")
+          f"{cache.compression_ratio:.2f}x, {cache.fused_steps} fused layer-steps (decode "
+          f"steps x merged layers); the newest tokens, fewer than W={args.window}, stay "
+          f"dense]\n{mini_text}\n")
 
     # 2. quality on the eval protocol (fewer windows by default) and the trade-off curves
     ids = tok(text).input_ids
@@ -271,48 +303,56 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minitriton",
+    # (allow_abbrev=False: demo's --window must not be read as --windows elsewhere)
+    p = argparse.ArgumentParser(prog="python -m minitriton", allow_abbrev=False,
                                 description="MiniCache on the embedded SmolLM2-135M model")
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--threads", type=_int_at_least(1), default=None,
                         help="torch CPU threads")
-    common.add_argument("--window", type=_int_at_least(1), default=DEFAULT_WINDOW,
-                        help=f"W, decoded tokens merged at once (default {DEFAULT_WINDOW})")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", parents=[common], help="PPL and compression per config")
+    e = sub.add_parser("eval", parents=[common], allow_abbrev=False,
+                       help="PPL and compression per config")
     e.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    e.add_argument("--windows", type=_int_at_least(1), default=4,
-                   help="eval windows (default 4)")
+    e.add_argument("--windows", type=_windows(), default=4, help="eval windows (default 4)")
     e.add_argument("--plan", type=_plan_file,
                    help="a plan JSON (from calibrate --out), evaluated as 'custom' (also with "
                         "--configs)")
     e.add_argument("--configs", help="comma-separated subset, e.g. full,minicache")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("calibrate", parents=[common], help="choose pairs and per-pair settings")
+    c = sub.add_parser("calibrate", parents=[common], allow_abbrev=False,
+                       help="choose pairs and per-pair settings")
     c.add_argument("--budget", type=_budget, default=3.0, help="PPL budget, %% over dense (3)")
-    c.add_argument("--windows", type=_int_at_least(1), default=4,
+    from .calibrate import CALIBRATION_START
+    c.add_argument("--windows", type=_windows(CALIBRATION_START), default=4,
                    help="calibration windows (4)")
     c.add_argument("--sink", type=_int_at_least(0), default=4,
                    help="dense sink tokens per pair (4)")
     c.add_argument("--top", type=_int_at_least(1), default=DEFAULT_TOP,
                    help=f"cheapest pairs considered ({DEFAULT_TOP})")
-    c.add_argument("--out", help="write the budget plan as JSON")
-    c.add_argument("--plots", help="folder for similarity.png and calibration.png")
+    c.add_argument("--out", type=_out_file, help="write the budget plan as JSON")
+    c.add_argument("--plots", type=_out_dir,
+                   help="folder for similarity.png and calibration.png")
     c.add_argument("--json", action="store_true", help="last stdout line: the report as JSON")
     c.set_defaults(func=cmd_calibrate)
 
-    d = sub.add_parser("demo", parents=[common], help="generate, compare, plot")
-    d.add_argument("--out", default="minitriton-demo", help="plots folder (./minitriton-demo)")
-    d.add_argument("--windows", type=_int_at_least(1), default=1,
+    d = sub.add_parser("demo", parents=[common], allow_abbrev=False,
+                       help="generate, compare, plot")
+    d.add_argument("--out", type=_out_dir, default="minitriton-demo",
+                   help="plots folder (./minitriton-demo)")
+    d.add_argument("--windows", type=_windows(), default=1,
                    help="quality windows (1; eval uses 4)")
+    d.add_argument("--window", type=_int_at_least(1), default=DEFAULT_WINDOW,
+                   help=f"W, decoded tokens merged at once in generation (default "
+                        f"{DEFAULT_WINDOW})")
     d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     d.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("synthetic", help="merge a synthetic cache (no model needed)")
+    s = sub.add_parser("synthetic", allow_abbrev=False,
+                       help="merge a synthetic cache (no model needed)")
     s.add_argument("--shape", type=_shape, default="2,8,2048,128",
                    help="B,H,S,D (2,8,2048,128)")
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -68,10 +68,12 @@ def plot_tradeoff(points: dict, path, full_ppl: Optional[float] = None,
                        label=f"+{budget_pct:g}% budget")
     ax.set_xlabel("KV compression (dense bytes / bytes held)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
+    ys = [p[1] for pts in points.values() for p in pts] + ([full_ppl] if full_ppl else [])
+    if ys and min(ys) > 0 and max(ys) / min(ys) >= 3:   # (a narrow range stays linear: a log
+        ax.set_yscale("log")                             # axis's integer labels would repeat)
+        from matplotlib.ticker import FormatStrFormatter
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
     ax.set_title(title or "MiniCache on SmolLM2-135M: quality against compression")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)

@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.cases import Point, build  # noqa: E402
-from perf.timing import REPO_ROOT, environment, summarize  # noqa: E402
+from perf.timing import (REPO_ROOT, environment, positive_int, summarize,  # noqa: E402
+                         writable_dir)
 
 ROUNDS = 25
 CHECKS = (
@@ -123,15 +124,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "cpu")
     ap.add_argument("--profile", action="store_true",
                     help="add the torch profiler's table of each op and baseline")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch CPU threads (default: torch's default)")
     args = ap.parse_args(argv)
+    writable_dir(ap, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
     results = [run_check(*c, profile_ops=args.profile) for c in CHECKS]
     text = markdown(results, env)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"bench_cpu-t{args.threads}" if args.threads else "bench_cpu")
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(

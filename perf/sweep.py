@@ -24,7 +24,8 @@ import torch
 from . import report
 from .cases import (DTYPE_NAMES, GRIDS, OPS, build, compute_roof_flops, describe, grid, missing,
                     op_backend)
-from .timing import REPO_ROOT, bench, device_tag, environment, host_ms_per_call
+from .timing import (REPO_ROOT, bench, device_tag, environment, host_ms_per_call, positive_int,
+                     writable_dir)
 
 # (warm-up ms, measured ms) per call of the timer: the tiny grid needs little of either.
 BUDGET_MS = {"quick": (5.0, 20.0), "check": (25.0, 100.0), "full": (25.0, 100.0)}
@@ -160,12 +161,14 @@ def main(argv=None) -> int:
                     help="quick, check (gpu_check.sh's key points) or full (default)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default perf/results/<device-tag>/)")
-    ap.add_argument("--device", default=None,
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
                     help="cpu or cuda (default: cpu with --quick, else cuda when available)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for torch (default: 1 with --quick, else torch's default)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.quick and args.grid not in (None, "quick"):
+        ap.error(f"--quick runs the quick grid; drop it to run --grid {args.grid}")
     grid_name = args.grid or ("quick" if args.quick else "full")
     if args.device:
         device = torch.device(args.device)
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    out = args.out or REPO_ROOT / "perf" / "results" / device_tag(device)
+    out = writable_dir(ap, args.out or REPO_ROOT / "perf" / "results" / device_tag(device))
     ops = OPS if args.op == "all" else (args.op,)
     # One thread for the tiny grid: on a shared CI machine, a second thread waiting at a barrier
     # for a descheduled first one turns 0.1 ms calls into 80 ms ones.

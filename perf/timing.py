@@ -31,6 +31,30 @@ class Timing:
     p80_ms: float
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    return v
+
+
+def writable_dir(ap, path: Path, flag: str = "--out") -> Path:
+    """Create `path` (a results folder) now, so that a bad one fails before any measurement,
+    with one line from the parser `ap`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        ap.error(f"{flag} {path}: cannot create the folder ({err.strerror})")
+    if not os.access(path, os.W_OK):
+        ap.error(f"{flag} {path}: the folder is not writable")
+    return path
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between order statistics (numpy's default)."""
     pos = q * (len(sorted_values) - 1)

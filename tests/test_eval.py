@@ -108,8 +108,17 @@ def test_cli_parser():
     (["synthetic", "--t", "nan"], "--t: expected a number in [0, 1], got nan"),
     (["synthetic", "--shape", "1,4,256,8"], "head dim D=8 is outside"),
     (["synthetic", "--shape", "1,4,256"], "expected B,H,S,D"),
-    (["eval", "--windows", "0"], "--windows: expected an int >= 1, got 0"),
-    (["eval", "--window", "x"], "--window: expected an int >= 1, got 'x'"),
+    (["eval", "--windows", "0"], "--windows: expected an int in [1, 98] (windows of the "
+                                 "embedded text), got 0"),
+    (["eval", "--windows", "99"], "--windows: expected an int in [1, 98]"),
+    (["demo", "--windows", "1000"], "--windows: expected an int in [1, 98]"),
+    (["calibrate", "--windows", "95"], "--windows: expected an int in [1, 94]"),
+    (["demo", "--window", "x"], "--window: expected an int >= 1, got 'x'"),
+    (["eval", "--window", "4"], "unrecognized arguments: --window 4"),     # (no effect there)
+    (["calibrate", "--out", "/nonexistent/dir/plan.json"], "--out: the folder of "),
+    (["calibrate", "--out", "/"], "--out: '/' is a folder; expected a file path"),
+    (["calibrate", "--plots", __file__], f"--plots: {__file__!r} is a file"),
+    (["demo", "--out", __file__], f"--out: {__file__!r} is a file"),
     (["calibrate", "--budget", "-1"], "--budget: expected a percentage > 0"),
     (["calibrate", "--sink", "-2"], "--sink: expected an int >= 0"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1"),
@@ -130,6 +139,8 @@ def test_cli_evaluates_a_given_plan_with_any_configs(model, tmp_path):
     path.write_text(MergePlan([(1, 2)]).to_json())
     args = build_parser().parse_args(["eval", "--plan", str(path), "--configs", "full,minicache"])
     assert list(_configs(model, args)) == ["full", "minicache", "custom"]
+    args = build_parser().parse_args(["eval", "--configs", "mean"])   # (full: the baseline)
+    assert list(_configs(model, args)) == ["full", "mean"]
     path.write_text('{"pair": [[1, 2]]}')
     with pytest.raises(SystemExit):         # (argparse: usage and message, before any work)
         build_parser().parse_args(["eval", "--plan", str(path)])
@@ -154,6 +165,8 @@ def test_cli_checks_config_names_before_loading_the_model(monkeypatch, tmp_path)
     monkeypatch.setattr(cli, "_load", load)
     with pytest.raises(SystemExit, match=r"unknown \['bogus'\]"):
         cli.main(["eval", "--configs", "full,bogus"])
+    with pytest.raises(SystemExit, match=r"unknown \[''\]"):     # (not "every config")
+        cli.main(["eval", "--configs", ""])
     with pytest.raises(SystemExit, match="'custom' is the plan given by --plan"):
         cli.main(["eval", "--configs", "custom"])
     with pytest.raises(Loaded):   # every name the embedded model's eval knows gets through

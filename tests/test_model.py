@@ -22,7 +22,9 @@ def test_embedded_model_eval_and_generate():
     model, tok = assets.load_model()
     L = model.config.num_hidden_layers
     configs = {"full": MergePlan([]), "minicache-proj": MergePlan.paper(L, magnitude="projection")}
-    r = evaluate(model, tok, assets.load_text(), configs, n_windows=1, progress=False)
+    text = assets.load_text()
+    assert len(tok(text).input_ids) == assets.TEXT_TOKENS     # (the command line's bound)
+    r = evaluate(model, tok, text, configs, n_windows=1, progress=False)
     assert 5 < r["full"]["ppl"] < 100                      # a working language model
     assert r["full"]["compression"] == 1.0
     assert 1.2 < r["minicache-proj"]["compression"] < 1.4   # 7 of 30 layers merged
