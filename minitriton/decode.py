@@ -68,8 +68,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
 
     Lengths and starts are checked against [0, S] / [0, T] when they live on the CPU. On CUDA
     that check would need a host synchronisation, so it is not made there; instead the kernels
-    clamp each length and start into its range, so an out-of-range value never reads outside the cache. The `slot`
-    values of a hand-built MergedPair are likewise checked only on the CPU (see `restore`).
+    clamp each length and start into its range, so an out-of-range value never reads outside
+    the cache. The `slot` values of a hand-built MergedPair are likewise checked only on the
+    CPU (see `restore`).
 
     Not differentiable (an inference kernel): no output requires grad; the transformers
     integration attends through restore + sdpa when a step needs gradients.
@@ -78,8 +79,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     shape that depends on data) and allocates its outputs and float32 partials before the
     launches, so a call can be captured in a CUDA graph and replayed; the lengths are read from
     their tensors at replay, so update `seq_lens`/`tail_lens`/`seq_starts` in place between
-    replays. Pass
-    `num_splits` (or keep S + T fixed) to keep the launch geometry that was captured.
+    replays. Pass `num_splits` (or keep S + T fixed) to keep the launch geometry that was
+    captured.
 
     Example:
         >>> k_m = minitriton.merge(k_prev, k_cur)          # [B, H, S, D] keys of layers l-1, l

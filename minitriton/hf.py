@@ -359,8 +359,9 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
     layer (left padding included), scaled-dot-product attention otherwise (longer queries,
-    masks that hide other cached tokens, or padding in the tail, sliding-window layers, states of different dtypes, and steps that need gradients
-    or dropout). Logit soft-capping (e.g. Gemma 2) is refused: neither computes it."""
+    masks that hide other cached tokens, or padding in the tail, sliding-window layers, states
+    of different dtypes, and steps that need gradients or dropout). Logit soft-capping (e.g.
+    Gemma 2) is refused: neither computes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))

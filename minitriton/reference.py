@@ -139,7 +139,8 @@ def decode_attention_ref(q, k_hat, v_hat, k_tail=None, v_tail=None, seq_lens=Non
 
     q `[B, Hq, D]`; k_hat, v_hat `[B, H, S, D]` (a restored layer); k_tail, v_tail `[B, H, T, D]`;
     seq_lens, tail_lens `[B]` (defaults S and T); seq_starts `[B]` (default 0): row b attends to
-    k_hat[b, :, seq_starts[b]:seq_lens[b]], then to its tail. Query head i reads KV head i // (Hq // H).
+    k_hat[b, :, seq_starts[b]:seq_lens[b]], then to its tail. Query head i reads KV head
+    i // (Hq // H).
     Returns (o `[B, Hq, D]`, lse `[B, Hq]`, natural log of the softmax denominator of the scaled
     scores). A row with no token gives o = 0 and lse = -inf.
     """

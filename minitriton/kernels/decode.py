@@ -152,10 +152,10 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    # The row's merged tokens [row_start, seq_len) are positions [0, seq_len) of the virtual
-    # sequence (merged tokens, then the tail): with starts, the row's pointers begin at its
-    # start, so the splits share its tokens alone, in aligned blocks, as without starts.
-    # Merged tokens [lo, min(hi, seq_len)) of this split.
+    # With starts, the row's offsets begin at its start: its merged tokens [row_start, seq_len)
+    # are positions [0, seq_len - row_start) of the virtual sequence (merged tokens, then the
+    # tail), which the splits share in aligned blocks, as without starts.
+    # Merged tokens [lo, min(hi, seq_len)) of this split (seq_len: from the start).
     o_ek = i_b * stride_ekb + i_h * stride_ekh
     o_mk = i_b * stride_mkb + i_h * stride_mkh
     o_ev = i_b * stride_evb + i_h * stride_evh
@@ -440,8 +440,8 @@ def aot_specs() -> list:
     target=GPUTarget("cuda", cc, 32), options=dict(num_warps=..., num_stages=...))`.
     The configs are those the launcher picks on a GPU: every cache dtype, every BLOCK_D
     (D in [16, 256]), with and without a tail, with and without row starts, and the WIDE_D
-    build of each (named "_wideD":
-    only hand-built views of a pair need it, and a few bytes of spills there are tolerated);
+    build of each (named "_wideD": only hand-built views of a pair need it, and a few bytes of
+    spills there are tolerated);
     the reduce kernel per dtype and BLOCK_D.
     """
     split_args = [a for a in _decode_split_kernel.arg_names]
