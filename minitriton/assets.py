@@ -81,8 +81,9 @@ def load_text() -> str:
     return text_path().read_text(encoding="utf-8")
 
 
-# Tokens of the embedded text under the embedded model's tokenizer (a model test checks it):
-# the command line bounds --windows with it before loading the model.
+# Tokens of the embedded text under the embedded model's tokenizer (with transformers 5; 4.57
+# adds a BOS token, one more; a model test checks both): the command line bounds --windows
+# with it before loading the model.
 TEXT_TOKENS = 75680
 
 

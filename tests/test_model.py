@@ -23,7 +23,8 @@ def test_embedded_model_eval_and_generate():
     L = model.config.num_hidden_layers
     configs = {"full": MergePlan([]), "minicache-proj": MergePlan.paper(L, magnitude="projection")}
     text = assets.load_text()
-    assert len(tok(text).input_ids) == assets.TEXT_TOKENS     # (the command line's bound)
+    # The command line's bound (transformers 4.57's tokenizer adds a BOS token: one more)
+    assert assets.TEXT_TOKENS <= len(tok(text).input_ids) <= assets.TEXT_TOKENS + 1
     r = evaluate(model, tok, text, configs, n_windows=1, progress=False)
     assert 5 < r["full"]["ppl"] < 100                      # a working language model
     assert r["full"]["compression"] == 1.0
