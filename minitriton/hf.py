@@ -318,15 +318,21 @@ def _hidden_prefix(mask: torch.Tensor):
     """What a one-token query's mask hides (one host synchronisation when it lives on a GPU):
     None for nothing; for a `[B, 1, 1, L]` mask that hides the first pads[b] keys of each row
     and nothing else (left padding), pads as a CPU int64 `[B]` tensor; False for any other
-    mask. Bool masks hide False, additive ones anything but 0."""
-    visible = mask if mask.dtype == torch.bool else mask == 0
+    mask. A bool mask shows True and hides False; an additive one shows 0 and hides its
+    dtype's lowest value or -inf, and any other value (a bias) is False: attention must add it."""
+    if mask.dtype == torch.bool:
+        visible, hidden = mask, ~mask
+    elif mask.is_floating_point():
+        visible, hidden = mask == 0, mask <= torch.finfo(mask.dtype).min
+    else:
+        visible, hidden = mask != 0, mask == 0
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         return None if bool(visible.all()) else False
-    visible = visible[:, 0, 0]                                               # [B, L]
-    pads = (~visible).to(torch.int32).cumprod(-1).sum(-1)                    # leading hidden
+    visible, hidden = visible[:, 0, 0], hidden[:, 0, 0]                      # [B, L]
+    pads = hidden.to(torch.int32).cumprod(-1).sum(-1)                        # leading hidden
     prefix = torch.arange(visible.shape[-1], device=mask.device) >= pads.unsqueeze(-1)
-    found = torch.cat([pads.to(torch.int64),                                 # (one read)
-                       (prefix == visible).all().to(torch.int64).view(1)]).cpu()
+    left = (prefix == visible).all() & (visible | hidden).all()
+    found = torch.cat([pads.to(torch.int64), left.to(torch.int64).view(1)]).cpu()  # (one read)
     if not found[-1]:
         return False
     pads = found[:-1]
@@ -359,9 +365,11 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     """transformers attention function (query `[B, Hq, q_len, D]`) returning
     `(out [B, q_len, Hq, D], None)`: `decode_attention` for a one-token query over a merged
     layer (left padding included), scaled-dot-product attention otherwise (longer queries,
-    masks that hide other cached tokens, or padding in the tail, sliding-window layers, states
-    of different dtypes, and steps that need gradients or dropout). Logit soft-capping (e.g.
-    Gemma 2) is refused: neither computes it."""
+    masks that hide other cached tokens or add a bias, padding in the tail, layers given a
+    `sliding_window` (a window that only the mask shows hides a prefix of the keys, which the
+    fused decode skips exactly, as it does left padding), states of different dtypes, and
+    steps that need gradients or dropout). Logit soft-capping (e.g. Gemma 2) is refused:
+    neither computes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))

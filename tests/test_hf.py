@@ -298,6 +298,15 @@ def test_mask_verdict_once_per_mask(model, monkeypatch):
     assert hf._hidden_prefix(heads) is None
     heads[1, 2, 0, 0] = False
     assert hf._hidden_prefix(heads) is False
+    # An additive mask hides its dtype's lowest value or -inf; a finite bias is no hiding: the
+    # keys it weighs must be attended with it (restore + sdpa), even as a prefix.
+    bias = torch.zeros(2, 1, 1, 6)
+    bias[:, ..., :2] = torch.finfo(torch.float32).min
+    bias[1, ..., 2] = float("-inf")
+    assert torch.equal(hf._hidden_prefix(bias), torch.tensor([2, 3]))
+    bias[:, ..., :2] = -2.0
+    assert hf._hidden_prefix(bias) is False
+    assert hf._hidden_prefix(torch.full((2, 3, 1, 6), 0.5)) is False
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
