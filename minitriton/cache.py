@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 
 from ._checks import (check_dense, check_has_data, check_head_dim, check_index, check_int,
-                      check_tensor)
+                      check_mask_dtype, check_tensor, token_mask)
 from .merge import merge, restore
 from .pair import MergedPair, _slots_from_mask
 from .plan import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, METHODS, MergePlan, PairSpec
@@ -373,21 +373,13 @@ class MiniCache:
         check_dense("mask", mask)
         if mask.dim() != 2:
             raise ValueError(f"mask: expected a [B, L] tensor, got shape {tuple(mask.shape)}")
-        if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
-            raise TypeError(f"mask: dtype {mask.dtype} is not supported (expected bool or an "
-                            f"integer dtype, 1 for a token and 0 for padding)")
+        check_mask_dtype("mask", mask)
         check_has_data("mask", mask)
         B = self.batch_size()
         if B is not None and mask.shape[0] != B:
             raise ValueError(f"mask: expected {B} rows (the batch held), got {mask.shape[0]}")
-        mask = mask.detach()
-        if mask.dtype != torch.bool and mask.device.type == "cpu":
-            bad = (mask != 0) & (mask != 1)
-            if bool(bad.any()):
-                at = tuple(torch.nonzero(bad)[0].tolist())
-                raise ValueError(f"mask: expected 1 for a token and 0 for padding, got "
-                                 f"{mask[at].item()!r} at {at}")
-        self._mask = (mask != 0) if mask.dtype != torch.bool else mask.clone()
+        held = token_mask("mask", mask.detach())
+        self._mask = held.clone() if mask.dtype == torch.bool else held   # (never the caller's)
 
     @property
     def attention_mask(self) -> Optional[torch.Tensor]:
@@ -510,9 +502,8 @@ class MiniCache:
         tail_lens = None
         if sink and bool((pads > 0).any()):
             tail = _len(pair.tail_k[s])
-            flip = (lambda x: x.flip(2))
-            k_extra = _cat(pair.tail_k[s], flip(pair.sink_k[s]))
-            v_extra = _cat(pair.tail_v[s], flip(pair.sink_v[s]))
+            k_extra = _cat(pair.tail_k[s], pair.sink_k[s].flip(2))
+            v_extra = _cat(pair.tail_v[s], pair.sink_v[s].flip(2))
             tail_lens = (tail + sink - pads.clamp(max=sink)).to(dtype=torch.int32, device=dev)
         return k_pair, v_pair, side, k_extra, v_extra, starts, tail_lens
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (check_dense, check_has_data, check_head_dim, check_same, check_tensor,
-                      check_unit_interval)
+from ._checks import (check_dense, check_has_data, check_head_dim, check_mask_dtype, check_same,
+                      check_tensor, check_unit_interval, token_mask)
 from .backend import select_backend
 from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
 
@@ -173,18 +173,7 @@ def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
     if tuple(mask.shape) != (B, S):
         raise ValueError(f"mask: expected shape {(B, S)} ([B, S] of x_prev), got "
                          f"{tuple(mask.shape)}")
-    if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"mask: dtype {mask.dtype} is not supported (expected bool or an "
-                        f"integer dtype, 1 for a token and 0 for padding)")
+    check_mask_dtype("mask", mask)
     if mask.device != x.device:
         raise ValueError(f"mask: device {mask.device} does not match x_prev's {x.device}")
-    if mask.dtype == torch.bool:
-        return mask
-    # On CUDA the check would synchronise: it runs on CPU tensors (there nonzero is a token).
-    if mask.device.type == "cpu" and mask.numel():
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            at = tuple(torch.nonzero(bad)[0].tolist())
-            raise ValueError(f"mask: expected 1 for a token and 0 for padding, got "
-                             f"{mask[at].item()!r} at {at}")
-    return mask != 0
+    return token_mask("mask", mask)
