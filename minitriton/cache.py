@@ -286,8 +286,8 @@ class MiniCache:
         """A layer index in [0, num_layers), as int; errors name the argument `name`."""
         layer = check_int(name, layer)
         if not 0 <= layer < self.num_layers:
-            raise ValueError(f"{name}: expected an int in [0, {self.num_layers}), got "
-                             f"{layer!r}")
+            raise ValueError(f"{name}: expected an int in [0, {self.num_layers}) (the cache "
+                             f"was built for {self.num_layers} layers), got {layer!r}")
         return int(layer)
 
     def _locate(self, layer: int):
@@ -321,7 +321,9 @@ class MiniCache:
             return False
         if side == 0:
             if pair.pending is not None:
-                raise RuntimeError(f"layer {layer}: updated twice before layer {layer + 1}")
+                raise ValueError(f"layer: layer {layer} was updated twice before layer "
+                                 f"{layer + 1}, the other layer of its merged pair (a step "
+                                 f"updates the layers in order)")
             if pair.empty():
                 pair.pending = (k, v)
                 return True
@@ -338,8 +340,10 @@ class MiniCache:
             pair.pending = None
             return True
         if pair.seq_len(1) + k.shape[2] != pair.seq_len(0):
-            raise RuntimeError(f"layer {layer}: got {k.shape[2]} new tokens but layer {layer - 1} "
-                               f"holds {pair.seq_len(0)} and this one {pair.seq_len(1)}")
+            raise ValueError(f"layer: layer {layer} got {k.shape[2]} new tokens, but layer "
+                             f"{layer - 1}, the first layer of its merged pair, holds "
+                             f"{pair.seq_len(0)} and this one {pair.seq_len(1)} (a step "
+                             f"updates layer {layer - 1} first, with as many tokens)")
         pair.tail_k[1] = _cat(pair.tail_k[1], k)
         pair.tail_v[1] = _cat(pair.tail_v[1], v)
         return False

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_bool, check_index, check_real
 from .cache import DEFAULT_WINDOW, MergePlan, PairSpec
 from .evaluate import STRIDE, WINDOWS, evaluate_plans, prefill, token_windows
 
@@ -39,6 +40,23 @@ DEFAULT_TOP = 14   # cheapest pairs that get the settings grid (the shipped plan
 SETTINGS = (  # (t, magnitude) tried per pair in step 2
     (0.6, "projection"), (0.0, "projection"), (1.0, "projection"), (0.6, "norm"),
 )
+
+
+def _token_ids(ids) -> torch.Tensor:
+    """`ids` (a sequence, array or tensor of token ids; `[N]` or `[1, N]`) as a long `[N]`."""
+    try:
+        out = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"ids: expected token ids (a sequence or tensor of ints), got "
+                        f"{type(ids).__name__} ({err})") from None
+    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+        raise TypeError(f"ids: expected integer token ids, got dtype {out.dtype}")
+    if out.dim() == 2 and out.shape[0] == 1:
+        out = out[0]
+    if out.dim() != 1:
+        raise ValueError(f"ids: expected a [N] (or [1, N]) sequence of token ids, got shape "
+                         f"{tuple(out.shape)}")
+    return out.to(torch.long)
 
 
 @torch.no_grad()
@@ -114,14 +132,35 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
         return_report: return a `CalibrationReport` instead of the budget `MergePlan`.
     """
     t_start = time.perf_counter()
-    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    budget_pct = check_real("budget_pct", budget_pct, "a percentage > 0")
+    if not 0.0 < budget_pct < math.inf:
+        raise ValueError(f"budget_pct: expected a percentage > 0, got {budget_pct!r}")
+    start = check_index("start", start)
+    top = check_index("top", top, low=1)
+    PairSpec(0, gamma=gamma, sink=sink)        # their checks, before any work
+    window = check_index("window", window, low=1)
+    if match_compression is not None:
+        match_compression = check_real("match_compression", match_compression,
+                                       "a compression ratio >= 1")
+        if not 1.0 <= match_compression < math.inf:
+            raise ValueError(f"match_compression: expected a compression ratio >= 1, got "
+                             f"{match_compression!r}")
+    progress, return_report = check_bool("progress", progress), check_bool("return_report",
+                                                                           return_report)
     if ids is None:
         if text is None:
             from .assets import load_text
             text = load_text()
+        elif not isinstance(text, str):
+            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer: expected a tokenizer to encode the text (or pass "
+                            f"ids), got {type(tokenizer).__name__}")
         ids = tokenizer(text).input_ids
+    ids = _token_ids(ids)
     wins = token_windows(ids, n_windows, start=start)
     screen = token_windows(ids, min(n_windows, 2), start=start, continuation=128)
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     bar = None
     if progress:
         from tqdm.auto import tqdm

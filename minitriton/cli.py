@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,10 +82,18 @@ def _out_file(path: str) -> str:
 
 
 def _out_dir(path: str) -> str:
-    """An argparse type: a folder path (created later) that is not an existing file."""
+    """An argparse type: an output folder, created now (a folder that cannot be created or
+    written fails here, not after the run)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{path!r} is a file; expected a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"cannot create the folder {path!r} ({err.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {path!r} is not writable")
     return path
 
 

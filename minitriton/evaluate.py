@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_index
 from .cache import DEFAULT_WINDOW, MergePlan
 
 PREFIX, CONTINUATION, STRIDE, WINDOWS = 512, 256, 768, 4
@@ -45,11 +46,15 @@ def token_windows(ids, n_windows: int = WINDOWS, *, start: int = 0, prefix: int 
         raise TypeError(f"n_windows: expected an int, got {type(n_windows).__name__}")
     if n_windows < 1:
         raise ValueError(f"n_windows: expected at least 1 window, got {n_windows}")
+    start = check_index("start", start)
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     out = []
     for w in range(n_windows):
         a = start + stride * w
         if a + prefix + continuation > ids.numel():
+            if w == 0:
+                raise ValueError(f"start: window 0, from token {start}, needs tokens up to "
+                                 f"{a + prefix + continuation}, the text has {ids.numel()}")
             raise ValueError(f"n_windows: window {w} needs tokens up to "
                              f"{a + prefix + continuation}, the text has {ids.numel()}")
         out.append(Window(ids[a:a + prefix][None], ids[a + prefix:a + prefix + continuation][None]))

@@ -1,11 +1,12 @@
 """transformers integration: a `Cache` backed by `minitriton.cache.MiniCache`, and an attention
 function that runs single-token decode steps over merged layers with `decode_attention`.
 
-    >>> from minitriton.hf import MiniCacheHF, track_padding, use_minitriton_attention
+    >>> from minitriton.hf import (MiniCacheHF, cache_kwargs, track_padding,
+    ...                            use_minitriton_attention)
     >>> use_minitriton_attention(model)                    # optional: fused decode attention
     >>> track_padding(model)                               # batches with padding (see below)
     >>> cache = MiniCacheHF(model.config, window=16)       # the paper's plan from L // 2
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=32)
     >>> cache.compression_ratio
 
 Works with transformers 4.57 to 5.x. Their cache API changed between these releases, and the
@@ -156,8 +157,9 @@ class MiniCacheHF(Cache):
         fused_decode: use `decode_attention` for one-token steps over merged layers when the model
             runs the "minitriton" attention (see `use_minitriton_attention`). Default True.
 
-    Use it as `model.generate(..., past_key_values=cache)` or `model(..., past_key_values=cache)`
-    (`cache=` on transformers >= 5.x, see `cache_kwargs`). The merge statistics are those of
+    Use it as `model.generate(..., **cache_kwargs(model, cache))` or likewise in `model(...)`:
+    `cache=cache` on the transformers releases whose forward takes `cache` (5.x; they warn
+    that `past_key_values=` is deprecated), `past_key_values=cache` on 4.57. The merge statistics are those of
     `MiniCache`: `nbytes`, `dense_nbytes`, `compression_ratio`, `stats()`.
     """
 
@@ -444,7 +446,8 @@ def track_padding(model):
     Example:
         >>> tokenizer.padding_side = "left"
         >>> enc = tokenizer(prompts, padding=True, return_tensors="pt")
-        >>> out = track_padding(model).generate(**enc, past_key_values=MiniCacheHF(model.config))
+        >>> cache = MiniCacheHF(model.config)
+        >>> out = track_padding(model).generate(**enc, **cache_kwargs(model, cache))
     """
     if getattr(model, _HOOK_ATTR, None) is None:
         setattr(model, _HOOK_ATTR,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._checks import check_dense, check_head_dim, check_tensor
+from ._checks import check_dense, check_head_dim, check_tensor, check_unit_interval
 
 MAGNITUDE_MODES = ("norm", "projection")
 
@@ -105,8 +105,10 @@ class MergedPair:
 
     @property
     def compression_ratio(self) -> float:
-        """dense_nbytes / nbytes (about 2 for D = 128 and few retained tokens)."""
-        return self.dense_nbytes / max(self.nbytes, 1)
+        """dense_nbytes / nbytes (about 2 for D = 128 and few retained tokens); 1.0 for a pair
+        of no tokens (S, B or H of 0), as for a `MiniCache` that holds nothing."""
+        dense = self.dense_nbytes
+        return dense / self.nbytes if dense else 1.0
 
     def __repr__(self) -> str:
         """One line: shape, dtype, device, retained tokens, bytes and settings (the tensors
@@ -244,6 +246,11 @@ def check_pair(name: str, m) -> MergedPair:
         if getattr(m, field).device != m.e.device:
             raise ValueError(f"{name}.{field}: device {getattr(m, field).device} does not match "
                              f"e's {m.e.device}")
+    check_unit_interval(f"{name}.t", m.t)
+    check_unit_interval(f"{name}.gamma", m.gamma)
+    if m.magnitude not in MAGNITUDE_MODES:
+        raise ValueError(f"{name}.magnitude: expected one of {MAGNITUDE_MODES}, got "
+                         f"{m.magnitude!r}")
     if m.slot.device.type == "cpu" and m.slot.numel():
         # Slots are -1 (merged) or the rows 0..N-1 of the store, one token each, in (b, h, s)
         # order: a slot past the store would read outside it. (On CUDA these checks would

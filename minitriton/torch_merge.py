@@ -215,20 +215,22 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     # One float32 scratch chunk, reused: the products x_prev * x_cur (summed into the dot) and,
     # for float16/bfloat16 inputs, the float32 copies. Reused memory stays in cache and is not
     # faulted in again chunk after chunk, as a fresh temporary per op would be.
+    # Inputs strided along D are copied too: a row reduction over strided memory rounds in
+    # another order, and the results would then depend (by an ulp) on the inputs' layout.
     xp_c, xc_c = xp_v.split(step, axis), xc_v.split(step, axis)
+    direct = x_prev.dtype == torch.float32 and x_prev.stride(3) == 1 and x_cur.stride(3) == 1
     scratch = [torch.empty(xp_c[0].shape, dtype=torch.float32, device=dev)   # (the largest)
-               for _ in range(1 if x_prev.dtype == torch.float32 else 3)]
+               for _ in range(1 if direct else 3)]
     for xp_i, xc_i, n_p_i, n_c_i, dot_i in zip(xp_c, xc_c, *map(pieces, (n_p, n_c, dot))):
         k = xp_i.shape[axis]
         prod = scratch[0].narrow(axis, 0, k)
-        if x_prev.dtype == torch.float32:
+        if direct:
             xp32, xc32 = xp_i, xc_i
         else:
             xp32 = scratch[1].narrow(axis, 0, k).copy_(xp_i)
             xc32 = scratch[2].narrow(axis, 0, k).copy_(xc_i)
         # The product first: one op streams both inputs in, the norms then read them from
-        # cache. The dot sums the contiguous product, so its rounding does not depend on the
-        # inputs' strides (the norms' may, by an ulp, when D itself is strided).
+        # cache. The dot sums the contiguous product.
         torch.mul(xp32, xc32, out=prod)
         torch.linalg.vector_norm(xp32, dim=-1, out=n_p_i)
         torch.linalg.vector_norm(xc32, dim=-1, out=n_c_i)

@@ -403,17 +403,28 @@ def test_plans():
 def test_bad_updates():
     cache = MiniCache(4, [(0, 1)], window=2)
     k = torch.randn(1, 2, 3, D)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 4\) \(the cache was "
+                                         r"built for 4 layers\), got 4"):
         cache.update(4, k, k)
     with pytest.raises(ValueError, match="v:"):
         cache.update(2, k, k[:, :, :2])
     with pytest.raises(ValueError, match="window"):
         MiniCache(4, window=0)
+    with pytest.raises(ValueError, match=r"layer: layer 1 got 3 new tokens, but layer 0, the "
+                                         r"first layer of its merged pair, holds 0 and this "
+                                         r"one 0 \(a step updates layer 0 first"):
+        cache.update(1, k, k)
     cache.update(0, k, k)
-    with pytest.raises(RuntimeError, match="twice"):
+    with pytest.raises(ValueError, match="layer: layer 0 was updated twice before layer 1"):
         cache.update(0, k, k)
     with pytest.raises(ValueError, match="must match"):
         cache.update(1, k[:, :, :2], k[:, :, :2])
+    cache.update(1, k, k)
+    cache.update(0, k[:, :, :1], k[:, :, :1])       # a decode step, layer 0 first
+    with pytest.raises(ValueError, match="layer 1 got 2 new tokens, but layer 0, .* holds 4 "
+                                         "and this one 3"):
+        cache.update(1, k[:, :, :2], k[:, :, :2])
+    assert cache.seq_len(1) == 3      # (a refused update stores nothing)
 
 
 def test_edits_are_checked_before_anything_changes():

@@ -258,6 +258,11 @@ def test_nothing_written_on_error(backend, pair):
      "m.slot: expected a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     ("mag_prev", lambda m: m.mag_prev.to_sparse(), TypeError, "m.mag_prev: expected a dense"),
     ("kept_prev", lambda m: m.kept_prev.to_sparse(), TypeError, "m.kept_prev: expected a dense"),
+    ("t", lambda m: 2.0, ValueError, r"m.t: expected a value in \[0, 1\], got 2.0"),
+    ("t", lambda m: "0.6", TypeError, r"m.t: expected a float in \[0, 1\], got str"),
+    ("gamma", lambda m: float("nan"), ValueError, r"m.gamma: expected a value in \[0, 1\]"),
+    ("magnitude", lambda m: "xx", ValueError, r"m.magnitude: expected one of \('norm', "
+                                              r"'projection'\), got 'xx'"),
 ])
 def test_restore_of_malformed_pair(backend, pair, field, value, exc, match):
     import dataclasses

@@ -89,6 +89,37 @@ def test_calibrate_returns_a_plan_within_budget(model, ids):
     json.loads(json.dumps(report.to_dict()))
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(budget_pct=-1), ValueError, "budget_pct: expected a percentage > 0, got -1.0"),
+    (dict(budget_pct=float("nan")), ValueError, "budget_pct: expected a percentage > 0"),
+    (dict(budget_pct="3"), TypeError, "budget_pct: expected a percentage > 0, got str"),
+    (dict(top=0), ValueError, "top: expected an int >= 1, got 0"),
+    (dict(top=2.5), TypeError, "top: expected an int >= 1, got float"),
+    (dict(start=-5), ValueError, "start: expected an int >= 0, got -5"),
+    (dict(start=5000), ValueError, "start: window 0, from token 5000, needs tokens up to"),
+    (dict(n_windows=9), ValueError, "n_windows: window 2 needs tokens up to 2304, the text "
+                                    "has 2000"),
+    (dict(sink=-1), ValueError, "sink: expected an int >= 0, got -1"),
+    (dict(gamma=2), ValueError, "gamma: expected a value in [0, 1], got 2.0"),
+    (dict(window=0), ValueError, "window: expected an int >= 1, got 0"),
+    (dict(match_compression=0.5), ValueError, "match_compression: expected a compression "
+                                              "ratio >= 1, got 0.5"),
+    (dict(progress="no"), TypeError, "progress: expected a bool, got str"),
+    (dict(ids=None, text="Hi"), TypeError, "tokenizer: expected a tokenizer to encode the text (or pass "
+                                "ids), got NoneType"),
+    (dict(ids=None, text=3), TypeError, "text: expected a str, got int"),
+    (dict(ids=[0.5, 1.5]), TypeError, "ids: expected integer token ids, got dtype"),
+    (dict(ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, "ids: expected a [N] (or "
+                                                                "[1, N]) sequence"),
+    (dict(ids=["a", "b"]), TypeError, "ids: expected token ids (a sequence or tensor of ints)"),
+])
+def test_calibrate_checks_its_arguments_before_any_work(kwargs, error, message):
+    kwargs = {"ids": list(range(2000)), "start": 0, "n_windows": 1, "progress": False, **kwargs}
+    with pytest.raises(error) as info:
+        calibrate(None, None, **kwargs)     # (no model is touched before the checks)
+    assert message in str(info.value)
+
+
 def test_similarity_of_identical_layers_is_one():
     k = torch.randn(1, 2, 5, 16)
     sims = similarity([[(k, k), (2 * k, k), (-k, k)]])
@@ -96,11 +127,15 @@ def test_similarity_of_identical_layers_is_one():
     assert sims[1]["key_cos"] == pytest.approx(-1.0) and sims[1]["value_cos"] == pytest.approx(1)
 
 
-def test_cli_parser():
+def test_cli_parser(tmp_path, monkeypatch):
     args = build_parser().parse_args(["eval", "--json", "--windows", "2"])
     assert args.json and args.windows == 2 and args.func.__name__ == "cmd_eval"
-    args = build_parser().parse_args(["demo"])
-    assert args.out == "minitriton-demo"
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "minitriton-demo").exists()
+    args = build_parser().parse_args(["demo"])     # the output folder is made at parse time
+    assert args.out == "minitriton-demo" and (tmp_path / "minitriton-demo").is_dir()
+    args = build_parser().parse_args(["calibrate", "--plots", str(tmp_path / "a" / "b")])
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -119,6 +154,9 @@ def test_cli_parser():
     (["calibrate", "--out", "/"], "--out: '/' is a folder; expected a file path"),
     (["calibrate", "--plots", __file__], f"--plots: {__file__!r} is a file"),
     (["demo", "--out", __file__], f"--out: {__file__!r} is a file"),
+    (["demo", "--out", f"{__file__}/plots"], f"--out: cannot create the folder "
+                                              f"{__file__ + '/plots'!r} (Not a directory)"),
+    (["calibrate", "--plots", f"{__file__}/x/y"], "--plots: cannot create the folder "),
     (["calibrate", "--budget", "-1"], "--budget: expected a percentage > 0"),
     (["calibrate", "--sink", "-2"], "--sink: expected an int >= 0"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1"),

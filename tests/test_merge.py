@@ -841,6 +841,7 @@ def test_empty_sequence(backend, device):
     m = minitriton.merge(xp, xc, 0.6, 0.5)
     assert m.shape == (2, 3, 0, 32) and m.num_retained == 0
     assert (m.d_min == 2.0).all() and (m.d_max == -1.0).all()
+    assert m.dense_nbytes == 0 and m.nbytes > 0 and m.compression_ratio == 1.0
     a, b = minitriton.restore(m)
     assert a.shape == (2, 3, 0, 32) and b.shape == (2, 3, 0, 32)
 
@@ -851,7 +852,7 @@ def test_empty_batch_or_heads(backend, device, dtype, B, H):
     """No sequences or no heads: merge, restore and decode give empty results."""
     xp, xc = make_pair(B, H, 5, 16, dtype, device)
     m = minitriton.merge(xp, xc, 0.6, 0.5)
-    assert m.shape == (B, H, 5, 16) and m.num_retained == 0
+    assert m.shape == (B, H, 5, 16) and m.num_retained == 0 and m.compression_ratio == 1.0
     for x in minitriton.restore(m):
         assert x.shape == (B, H, 5, 16) and x.dtype == dtype
     if H:
@@ -878,6 +879,29 @@ def test_restore_one_layer(backend, device, dtype):
     both = minitriton.restore(m)
     assert torch.equal(minitriton.restore(m, layer="prev"), both[0])
     assert torch.equal(minitriton.restore(m, layer="cur"), both[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("layout", ["bshd", "sliced", "permuted"])
+def test_layout_does_not_change_the_result(backend, device, dtype, layout):
+    """The same values in another memory layout (a `[B, S, H, D]` buffer, every other element
+    of D, D the outermost dim) merge bit for bit as their contiguous copies."""
+    B, H, S, D = 2, 3, 11, 40
+    if layout == "permuted":   # D outermost: stride 1 along H (no [N, D] view of it)
+        g = torch.Generator().manual_seed(61)
+        xp, xc = (torch.randn(D, B, S, H, generator=g).to(dtype).permute(1, 3, 2, 0)
+                  for _ in range(2))
+    else:
+        xp, xc = make_pair(B, H, S, D, dtype, "cpu", seed=61, layout=layout, outliers=2)
+    xp, xc = xp.to(device), xc.to(device)
+    assert not xp.is_contiguous() and not xc.is_contiguous()
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.6, 0.2, magnitude=magnitude)
+        c = minitriton.merge(xp.contiguous(), xc.contiguous(), 0.6, 0.2, magnitude=magnitude)
+        assert m.retained.any()
+        for name in ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min",
+                     "d_max"):
+            assert torch.equal(getattr(m, name), getattr(c, name)), (magnitude, name)
 
 
 # ---- the torch path's chunks -----------------------------------------------------------------
