@@ -33,6 +33,31 @@ def make_pair(B, H, S, D, dtype=torch.float32, device="cpu", seed=0, corr=0.8,
     return xp, xc
 
 
+def strided_twin(m):
+    """The pair `m` with every tensor a non-contiguous view of the same values, each with its
+    own strides: e and mag_prev seen through `[B, S, H, ...]` buffers, mag_cur and slot as
+    every other element of longer rows (slot with another step than mag_cur), the retained
+    stores as every other column, d_min / d_max transposed."""
+    import dataclasses
+
+    def every(x, k):          # x as every k-th element of a buffer k times longer (last dim)
+        buf = torch.zeros(*x.shape[:-1], k * x.shape[-1], dtype=x.dtype, device=x.device)
+        buf[..., ::k] = x
+        return buf[..., ::k]
+
+    def swap12(x):            # x seen through a buffer with dims 1 and 2 swapped
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    twin = dataclasses.replace(
+        m, e=swap12(m.e), mag_prev=swap12(m.mag_prev), mag_cur=every(m.mag_cur, 2),
+        slot=every(m.slot, 3), kept_prev=every(m.kept_prev, 2), kept_cur=every(m.kept_cur, 3),
+        d_min=m.d_min.t().contiguous().t(), d_max=m.d_max.t().contiguous().t())
+    for a, b in zip(twin.tensors(), m.tensors()):
+        assert torch.equal(a, b)
+        assert a.numel() <= 1 or not a.is_contiguous() or a.shape[-1] <= 1
+    return twin
+
+
 def token_norms(x) -> np.ndarray:
     """`[..., 1]` float64 norms, floor 1e-30 (also for tokens with a NaN), for scale-relative
     tolerances."""

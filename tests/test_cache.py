@@ -592,6 +592,7 @@ def test_mask_follows_positions_through_sinks_and_chunks(window, sink):
     mask = torch.ones(B, prompt + 5, dtype=torch.bool)
     mask[1, :4] = False
     mask[0, prompt + 2] = False      # a decoded position
+    mask[0, prompt + 4] = False      # the mask's last: a W-chunk with padding runs past it
     cache = MiniCache(L, [PairSpec(1, gamma=0.25, sink=sink)], window=window)
     cache.set_attention_mask(mask)
     assert torch.equal(cache.attention_mask, mask) and cache.attention_mask is not mask

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import minitriton
 from conftest import DTYPES, assert_close
+from helpers import strided_twin
 from minitriton.decode import decode_attention
 from minitriton.pair import MergedPair, _slots_from_mask
 from minitriton.reference import decode_attention_ref, merge_ref, restore_ref
@@ -208,6 +209,19 @@ def test_strided_inputs(backend, device):
     assert torch.equal(o, o_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
+def test_strided_pairs(backend, device, dtype):
+    """Pairs whose every tensor is a strided view (magnitudes, slots and retained stores each
+    with their own strides) attend as their contiguous twins, bit for bit."""
+    c = Case(B=2, H=2, G=3, S=19, T=3, D=48, dtype=dtype, device=device, seed=43, gamma=0.4)
+    assert c.k.num_retained > 1 and c.v.num_retained > 1
+    for layer in ("prev", "cur"):
+        o, lse = c.run(layer)
+        o2, lse2 = decode_attention(c.q, strided_twin(c.k), strided_twin(c.v), layer=layer,
+                                    k_tail=c.k_tail, v_tail=c.v_tail, return_lse=True)
+        assert torch.equal(o, o2) and torch.equal(lse, lse2), layer
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 23, 40])
 def test_num_splits(device, monkeypatch, num_splits):
     """Any number of splits gives the same result, also more splits than blocks, and more
@@ -277,6 +291,29 @@ def test_poisoned_buffers_are_fully_written(device, monkeypatch):
         c.q, restored(c.k, c.kp, c.kc, "cur"), restored(c.v, c.vp, c.vc, "cur"),
         c.k_tail, c.v_tail, seq_lens, tail_lens)
     check_output(out, lse, o_ref, lse_ref, c.q, c.dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_clamps_out_of_range_lengths(device, monkeypatch, num_splits):
+    """Lengths are checked by `decode_attention` on a CPU only (on CUDA the check would
+    synchronise): the kernels clamp seq_lens and seq_starts to [0, S] and tail_lens to [0, T],
+    so a length out of range reads nothing outside the cache; the output is that of the
+    clamped lengths, bit for bit."""
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    from minitriton.kernels.decode import decode_attention_triton
+    c = Case(B=3, H=2, G=2, S=13, T=4, D=32, dtype=torch.float32, device=device, seed=41)
+
+    def run(seq_lens, tail_lens, starts):
+        return decode_attention_triton(c.q, c.k, c.v, "cur", c.k_tail, c.v_tail,
+                                       i32(seq_lens, device), i32(tail_lens, device), 32 ** -0.5,
+                                       num_splits, seq_starts=i32(starts, device))
+
+    o, lse = run([13 + 40, 9, 13], [4 + 30, 2, -5], [-7, 3, 13 + 9])
+    o_ok, lse_ok = run([13, 9, 13], [4, 2, 0], [0, 3, 13])
+    assert torch.isfinite(o).all() and torch.equal(o, o_ok) and torch.equal(lse, lse_ok)
+    o, lse = run([-4, 9, 13], [4, 2, 1], [0, 3, 5])
+    o_ok, lse_ok = run([0, 9, 13], [4, 2, 1], [0, 3, 5])
+    assert torch.equal(o, o_ok) and torch.equal(lse, lse_ok)
 
 
 def test_with_merge_and_restore(backend, device):

@@ -73,7 +73,8 @@ def test_head_dim_out_of_range(backend, device, D):
 
 
 @pytest.mark.parametrize("name", ["t", "gamma"])
-@pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, math.inf])
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, math.inf, math.nextafter(1.0, 2.0),
+                                   -5e-324], ids=["-0.1", "1.5", "nan", "inf", "1+ulp", "-tiny"])
 def test_t_gamma_range(backend, pair, name, value):
     xp, xc = pair
     _raises(ValueError, f"{name}: expected a value in \\[0, 1\\], got", minitriton.merge,
@@ -149,6 +150,12 @@ def test_d_range(backend, pair):
             v = torch.tensor([[0.1, bad]])
             _raises(ValueError, r"d_range\[0\]: expected .* \(or 2 for a row with none\), got "
                     f"{bad!r} at \\(0, 1\\)", minitriton.merge, xp, xc, d_range=(v, v))
+        # Each end's own marker only: -1 is no d_min, 2 no d_max.
+        for i, marker in enumerate((-1.0, 2.0)):
+            bad = torch.tensor([[0.1, marker]])
+            ok = torch.tensor([[0.1, 0.5]])
+            _raises(ValueError, rf"d_range\[{i}\]: expected .* got {marker!r} at \(0, 1\)",
+                    minitriton.merge, xp, xc, d_range=(bad, ok) if i == 0 else (ok, bad))
         # A pair's own extremes, those of an empty row included, are taken as they are.
         empty = minitriton.merge(xp[:, :, :0], xc[:, :, :0])
         assert (empty.d_min == 2).all() and (empty.d_max == -1).all()
@@ -258,6 +265,14 @@ def test_nothing_written_on_error(backend, pair):
      "m.slot: expected a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     ("mag_prev", lambda m: m.mag_prev.to_sparse(), TypeError, "m.mag_prev: expected a dense"),
     ("kept_prev", lambda m: m.kept_prev.to_sparse(), TypeError, "m.kept_prev: expected a dense"),
+    ("kept_prev", lambda m: m.kept_prev.double(), ValueError,
+     r"m.kept_prev: expected \[N, [0-9]+\] torch.float32, got \([0-9]+, [0-9]+\) torch.float64"),
+    ("kept_cur", lambda m: m.kept_cur.half(), ValueError, r"m.kept_cur: expected \[N, [0-9]+\]"),
+    ("mag_cur", lambda m: m.mag_cur.half(), TypeError, "m.mag_cur: expected torch.float32"),
+    ("d_max", lambda m: m.d_max.double(), TypeError, "m.d_max: expected torch.float32"),
+    ("mag_cur", lambda m: m.mag_cur.to("meta"), ValueError, "m.mag_cur: device meta does not "
+                                                            "match e's"),
+    ("kept_prev", lambda m: m.kept_prev.to("meta"), ValueError, "m.kept_prev: device meta"),
     ("t", lambda m: 2.0, ValueError, r"m.t: expected a value in \[0, 1\], got 2.0"),
     ("t", lambda m: "0.6", TypeError, r"m.t: expected a float in \[0, 1\], got str"),
     ("gamma", lambda m: float("nan"), ValueError, r"m.gamma: expected a value in \[0, 1\]"),

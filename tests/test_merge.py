@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import minitriton
 from conftest import D_TOL, DTYPES, TOL, UNIT, assert_close
-from helpers import check_merge_against_reference, make_pair, token_norms
+from helpers import check_merge_against_reference, make_pair, strided_twin, token_norms
 from minitriton.kernels.merge import _row_scale
 from minitriton.reference import merge_ref
 
@@ -607,11 +607,32 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
                                   D_TOL, assert_close, d_range=d_range)
 
 
-def test_inputs_not_modified(backend, device):
-    xp, xc = make_pair(2, 2, 11, 32, torch.bfloat16, device, layout="bshd", outliers=1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_e_is_rounded_once(backend, device, dtype, magnitude):
+    """e is computed in float32 and rounded once to the dtype: each component is within one
+    ulp of the exact (float64) direction, relative to its own size (a tolerance by the dtype's
+    scale would let half-precision arithmetic through on the small components)."""
+    xp, xc = make_pair(2, 3, 29, 96, dtype, device, seed=81, outliers=3, scale=3.0)
+    m = minitriton.merge(xp, xc, 0.35, 0.2, magnitude)
+    ref = merge_ref(xp.cpu().double().numpy(), xc.cpu().double().numpy(), 0.35, 0.2,
+                    magnitude)["e"]
+    err = np.abs(m.e.cpu().double().numpy() - ref)
+    bound = 2 * UNIT[dtype] * np.abs(ref) + 1e-6
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), (worst, err[worst], ref[worst])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_inputs_not_modified(backend, device, dtype, layout):
+    xp, xc = make_pair(2, 2, 11, 32, dtype, device, layout=layout, outliers=1)
+    xc[0, 1, 3] = -xp[0, 1, 3]           # antiparallel and zero: the rare tokens' paths
+    xp[1, 0, 4] = 0
     before = (xp.clone(), xc.clone())
-    m = minitriton.merge(xp, xc, 0.6, 0.2)
-    minitriton.restore(m)
+    for magnitude in ("norm", "projection"):
+        m = minitriton.merge(xp, xc, 0.5, 0.2, magnitude)
+        minitriton.restore(m)
     assert torch.equal(xp, before[0]) and torch.equal(xc, before[1])
 
 
@@ -753,10 +774,13 @@ def test_padding_without_an_angle_is_kept(backend, device):
     restores to its own states (NaN), not to merged ones."""
     xp, xc = make_pair(1, 2, 9, 32, torch.float32, device, seed=9)
     xp[0, 1, 0, 3] = float("nan")
+    xc[0, 0, 5, 2] = float("nan")        # a token without an angle: out of its row's extremes
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]], device=device)
     m = minitriton.merge(xp, xc, 0.6, 0.1, mask=mask)
     assert m.retained[0, 1, 0] and not m.retained[0, 0, :3].any()
     assert torch.isnan(minitriton.restore(m)[0][0, 1, 0, 3])
+    assert m.retained[0, 0, 5] and torch.isfinite(m.d_min).all() and torch.isfinite(m.d_max).all()
+    assert m.retained[0, 0].sum() < 6        # (a NaN extreme would retain the whole row)
     check_merge_against_reference(m, xp, xc, 0.6, 0.1, "norm", D_TOL, assert_close, mask=mask)
 
 
@@ -860,16 +884,42 @@ def test_empty_batch_or_heads(backend, device, dtype, B, H):
         assert minitriton.decode_attention(q, m, m, layer="cur").shape == (B, 2 * H, 16)
 
 
-def test_restore_of_strided_pair(backend, device):
-    """A hand-built pair whose e is a strided view restores like its contiguous twin."""
-    import dataclasses
-    xp, xc = make_pair(2, 3, 13, 48, torch.float32, device, seed=31, outliers=2)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_restore_of_strided_pair(backend, device, dtype):
+    """A hand-built pair whose tensors are strided views (each with its own strides) restores
+    like its contiguous twin, bit for bit."""
+    xp, xc = make_pair(2, 3, 13, 48, dtype, device, seed=31, outliers=2)
     m = minitriton.merge(xp, xc, 0.6, 0.2)
-    e_strided = m.e.transpose(1, 2).contiguous().transpose(1, 2)   # a [B, S, H, D] buffer
-    assert not e_strided.is_contiguous()
-    ms = dataclasses.replace(m, e=e_strided)
+    assert m.num_retained > 1
+    ms = strided_twin(m)
     for a, b in zip(minitriton.restore(ms), minitriton.restore(m)):
         assert torch.equal(a, b)
+    assert torch.equal(minitriton.restore(ms, layer="cur"), minitriton.restore(m, layer="cur"))
+
+
+def test_cat_of_independent_merges(backend, device):
+    """MergedPair.cat of pairs merged each on its own (no d_range): the fields along S are the
+    parts', joined; the retained store in (b, h, s) order; d_min / d_max the extremes over all
+    parts (each part holds some of each row's extremes); restore of the joined pair is the
+    parts' restores, joined."""
+    xp, xc = make_pair(2, 3, 17, 32, torch.float32, device, seed=71, outliers=2)
+    xc[0, 0, 2] = -xp[0, 0, 2]        # row (0, 0)'s largest d in the first part,
+    xc[1, 2, 15] = xp[1, 2, 15]       # row (1, 2)'s smallest in the last
+    cuts = [(0, 5), (5, 6), (6, 17)]
+    parts = [minitriton.merge(xp[:, :, a:b], xc[:, :, a:b], 0.6, 0.3) for a, b in cuts]
+    joined = minitriton.MergedPair.cat(parts)
+    for name in ("e", "mag_prev", "mag_cur", "retained"):
+        assert torch.equal(getattr(joined, name), torch.cat([getattr(p, name) for p in parts], 2))
+    assert torch.equal(joined.d_min, torch.stack([p.d_min for p in parts]).amin(0))
+    assert torch.equal(joined.d_max, torch.stack([p.d_max for p in parts]).amax(0))
+    assert not torch.equal(joined.d_min, parts[-1].d_min)
+    assert not torch.equal(joined.d_max, parts[-1].d_max)
+    assert not torch.equal(joined.d_min, parts[0].d_min)
+    assert not torch.equal(joined.d_max, parts[0].d_max)
+    ret = joined.retained
+    assert torch.equal(joined.kept_prev, xp[ret]) and torch.equal(joined.kept_cur, xc[ret])
+    for got, pieces in zip(minitriton.restore(joined), zip(*map(minitriton.restore, parts))):
+        assert torch.equal(got, torch.cat(pieces, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -882,19 +932,24 @@ def test_restore_one_layer(backend, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("layout", ["bshd", "sliced", "permuted"])
+@pytest.mark.parametrize("layout", ["bshd", "sliced", "permuted", "mixed"])
 def test_layout_does_not_change_the_result(backend, device, dtype, layout):
     """The same values in another memory layout (a `[B, S, H, D]` buffer, every other element
-    of D, D the outermost dim) merge bit for bit as their contiguous copies."""
+    of D, D the outermost dim; "mixed": x_prev contiguous, x_cur a `[B, S, H, D]` buffer) merge
+    bit for bit as their contiguous copies."""
     B, H, S, D = 2, 3, 11, 40
     if layout == "permuted":   # D outermost: stride 1 along H (no [N, D] view of it)
         g = torch.Generator().manual_seed(61)
         xp, xc = (torch.randn(D, B, S, H, generator=g).to(dtype).permute(1, 3, 2, 0)
                   for _ in range(2))
+    elif layout == "mixed":
+        xp, xc = make_pair(B, H, S, D, dtype, "cpu", seed=61, layout="bshd", outliers=2)
+        xp = xp.contiguous()
     else:
         xp, xc = make_pair(B, H, S, D, dtype, "cpu", seed=61, layout=layout, outliers=2)
     xp, xc = xp.to(device), xc.to(device)
-    assert not xp.is_contiguous() and not xc.is_contiguous()
+    assert layout == "mixed" or not xp.is_contiguous()
+    assert not xc.is_contiguous()
     for magnitude in ("norm", "projection"):
         m = minitriton.merge(xp, xc, 0.6, 0.2, magnitude=magnitude)
         c = minitriton.merge(xp.contiguous(), xc.contiguous(), 0.6, 0.2, magnitude=magnitude)
