@@ -103,3 +103,24 @@ def test_targets_report_pass_miss_and_na():
     assert next(v for k, v in by_start.items() if "latency" in k).startswith("n/a")
     lines = report.evaluate_targets(fast)
     assert all(line.startswith("PASS") for line in lines if "latency" not in line), lines
+
+
+def test_contention_bench_end_to_end(tmp_path, capsys):
+    """`perf/bench_cpu_contention.py` on a tiny point: every OpenMP setting on idle cores and
+    beside the busy neighbour, each in its own process, in the Markdown and JSON it writes."""
+    from perf import bench_cpu_contention
+    assert bench_cpu_contention.main(["--shape", "1,2,8,16", "--rounds", "1",
+                                      "--out", str(tmp_path)]) == 0
+    import json
+    data = json.loads((tmp_path / "bench_cpu_contention.json").read_text())
+    rows = data["results"]
+    assert [(r["load"], r["setting"]) for r in rows] == [
+        (load, name) for load in ("idle", "busy neighbour")
+        for name, _ in bench_cpu_contention.SETTINGS]
+    assert all(r["merge"] > 0 and r["add"] > 0 for r in rows)
+    assert [r["threads"] for r in rows if r["setting"] == "1 thread"] == [1, 1]
+    table = (tmp_path / "bench_cpu_contention.md").read_text()
+    assert table.count("| busy neighbour |") == 3 and "commit" in table
+    with pytest.raises(SystemExit):
+        bench_cpu_contention.main(["--shape", "1,2,8"])
+    assert "expected B,H,S,D" in capsys.readouterr().err
