@@ -33,25 +33,27 @@ def check_dense(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
 
 
-def check_mask_dtype(name: str, mask: torch.Tensor) -> None:
-    """A padding mask's dtype: bool or an integer one (1 for a token, 0 for padding)."""
+PADDING = "1 for a token and 0 for padding"
+
+
+def check_mask_dtype(name: str, mask: torch.Tensor, meaning: str = PADDING) -> None:
+    """A token mask's dtype: bool or an integer one (`meaning` says what 1 and 0 are)."""
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name}: dtype {mask.dtype} is not supported (expected bool or an "
-                        f"integer dtype, 1 for a token and 0 for padding)")
+                        f"integer dtype, {meaning})")
 
 
-def token_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """A padding mask (dtype checked) as bool, True for a token: the tensor itself when it is
-    bool, else `mask != 0`. Integer values other than 0 and 1 are refused on a CPU (on CUDA,
-    where checking would synchronise, nonzero is a token)."""
+def token_mask(name: str, mask: torch.Tensor, meaning: str = PADDING) -> torch.Tensor:
+    """A token mask (dtype checked) as bool: the tensor itself when it is bool, else
+    `mask != 0`. Integer values other than 0 and 1 are refused on a CPU (on CUDA, where
+    checking would synchronise, nonzero counts as 1)."""
     if mask.dtype == torch.bool:
         return mask
     if mask.device.type == "cpu" and mask.numel():
         bad = (mask != 0) & (mask != 1)
         if bool(bad.any()):
             at = tuple(torch.nonzero(bad)[0].tolist())
-            raise ValueError(f"{name}: expected 1 for a token and 0 for padding, got "
-                             f"{mask[at].item()!r} at {at}")
+            raise ValueError(f"{name}: expected {meaning}, got {mask[at].item()!r} at {at}")
     return mask != 0
 
 

@@ -33,10 +33,11 @@ how the later tokens were grouped into forwards.
 
 Padding. `set_attention_mask(mask)` tells the cache which positions hold padding (a `[B, L]`
 mask, 0 for padding, as transformers' attention mask of a left-padded batch): merges then leave
-padding out of each row's extremes and never retain it (`merge(..., mask=)`): with W = 1 and no
-sink, a padded row then holds, at its tokens, exactly what it holds unpadded (a sink takes a
-row's first positions, padding included). Padding is still stored (merged) and counted in the
-bytes; the model's attention mask hides it.
+padding out of each row's extremes and never retain it (`merge(..., mask=)`). A sink takes each
+row's first positions, padding included: a padded row's own first `sink` tokens that fall past
+them are kept as they are in the store (`merge(..., keep=)`: retained, out of the extremes).
+With W = 1, a padded row then holds, at its tokens, exactly what it holds unpadded, sink or not.
+Padding is still stored (merged) and counted in the bytes; the model's attention mask hides it.
 
 Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
 magnitudes, slots and d extremes, tails, held prefill states). A pair's shared store is split
@@ -125,10 +126,12 @@ class _Pair:
         return self.seq_len(0) == 0 and self.seq_len(1) == 0
 
     # -- writes --
-    def absorb(self, kp, vp, kc, vc, mask=None) -> None:
-        """Sink-fill then merge a chunk of both layers' states (same length); `mask` (bool
-        `[B, n]` or None) marks its padding. Everything is computed before anything is stored:
-        a failure leaves the pair as it was."""
+    def absorb(self, kp, vp, kc, vc, marks=(None, None)) -> None:
+        """Sink-fill then merge a chunk of both layers' states (same length); `marks` is
+        `(mask, keep)`, each bool `[B, n]` or None: the chunk's padding and the tokens kept as
+        they are (see `MiniCache._chunk_marks`). Everything is computed before anything is
+        stored: a failure leaves the pair as it was."""
+        mask, keep = marks
         room = self.spec.sink - _len(self.sink_k[0])
         sinks = None
         if room > 0:
@@ -137,6 +140,7 @@ class _Pair:
                      for held, new in ((self.sink_k, (kp, kc)), (self.sink_v, (vp, vc)))]
             kp, vp, kc, vc = (x[:, :, n:] for x in (kp, vp, kc, vc))
             mask = None if mask is None else mask[:, n:]
+            keep = None if keep is None else keep[:, n:]
         stores = {}
         if kp.shape[2] and self.spec.method == "mean":
             avg = (lambda a, b: ((a.float() + b.float()) * 0.5).to(a.dtype))
@@ -147,16 +151,18 @@ class _Pair:
             for name, (a, b) in (("mk", (kp, kc)), ("mv", (vp, vc))):
                 old = getattr(self, name)
                 d_range = None if old is None else (old.d_min, old.d_max)
-                new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range, mask=mask)
+                new = merge(a, b, s.t, s.gamma, s.magnitude, d_range=d_range, mask=mask,
+                            keep=keep)
                 stores[name] = new if old is None else MergedPair.cat([old, new])
         if sinks is not None:
             self.sink_k, self.sink_v = sinks
         for name, value in stores.items():
             setattr(self, name, value)
 
-    def flush(self, window: int, chunk_mask=None) -> None:
+    def flush(self, window: int, chunk_marks=None) -> None:
         """Move whole `window`-token chunks of the tails into the store, oldest first;
-        `chunk_mask(position, n, ref)` gives the padding mask of n tokens from a position."""
+        `chunk_marks(position, n, ref, sink)` gives the `(mask, keep)` of n tokens from a
+        position."""
         n0, n1 = _len(self.tail_k[0]), _len(self.tail_k[1])
         if n0 != n1:
             raise RuntimeError(f"pair ({self.spec.prev},{self.spec.cur}): tails of different "
@@ -168,9 +174,9 @@ class _Pair:
                 chunk = [x[:, :, sl] for x in (self.tail_k[0], self.tail_v[0], self.tail_k[1],
                                                self.tail_v[1])]
                 # (the tail's first token comes right after the sink and the store)
-                mask = None if chunk_mask is None else chunk_mask(
-                    _len(self.sink_k[0]) + self.merged_len(), window, chunk[0])
-                self.absorb(*chunk, mask=mask)
+                marks = (None, None) if chunk_marks is None else chunk_marks(
+                    _len(self.sink_k[0]) + self.merged_len(), window, chunk[0], self.spec.sink)
+                self.absorb(*chunk, marks=marks)
                 done += window
         finally:   # the chunks that did move leave the tails, even if a later one failed
             if done:
@@ -327,7 +333,7 @@ class MiniCache:
             if pair.empty():
                 pair.pending = (k, v)
                 return True
-            pair.flush(self.window, self._chunk_mask)
+            pair.flush(self.window, self._chunk_marks)
             pair.tail_k[0] = _cat(pair.tail_k[0], k)
             pair.tail_v[0] = _cat(pair.tail_v[0], v)
             return False
@@ -336,7 +342,7 @@ class MiniCache:
             if kp.shape[:3] != k.shape[:3]:
                 raise ValueError(f"k: layer {layer} got shape {tuple(k.shape)}, layer {layer - 1} "
                                  f"got {tuple(kp.shape)}; a pair's states must match")
-            pair.absorb(kp, vp, k, v, self._chunk_mask(0, k.shape[2], k))
+            pair.absorb(kp, vp, k, v, self._chunk_marks(0, k.shape[2], k, pair.spec.sink))
             pair.pending = None
             return True
         if pair.seq_len(1) + k.shape[2] != pair.seq_len(0):
@@ -355,9 +361,9 @@ class MiniCache:
         Positions past L are tokens; None (the default) makes every position a token.
 
         Merges then leave padding out of each row's d_min / d_max and never retain it (see
-        `merge`'s `mask`): with W = 1 and no sink, a left-padded row holds, at its tokens,
-        exactly what it holds unpadded (a sink takes a row's first positions, padding
-        included).
+        `merge`'s `mask`), and keep a padded row's own first `sink` tokens that fall past the
+        sink positions as they are (`merge`'s `keep`): with W = 1, a left-padded row holds, at
+        its tokens, exactly what it holds unpadded.
         Set it before the forward whose tokens it covers (`minitriton.hf.track_padding` does
         it for every forward of a transformers model). The cache keeps a bool copy on the
         mask's device; integer values are checked on a CPU (on CUDA, where checking would
@@ -390,17 +396,27 @@ class MiniCache:
         """The padding mask set by `set_attention_mask` (bool `[B, L]`), or None."""
         return self._mask
 
-    def _chunk_mask(self, position: int, n: int, ref: torch.Tensor):
-        """The mask of n tokens from `position` on ref's device, or None when they are all
-        tokens (read on the host: a CUDA mask synchronises, as the merge that follows does)."""
+    def _chunk_marks(self, position: int, n: int, ref: torch.Tensor, sink: int = 0):
+        """`(mask, keep)` of the n tokens from `position`, on ref's device: the padding mask
+        (None when they are all tokens), and the tokens to keep as they are (None for none):
+        each row's first `sink` tokens that a padded row has past the sink positions, which
+        the same row unpadded holds in its sink. Read on the host (a CUDA mask synchronises,
+        as the merge that follows does)."""
         if self._mask is None:
-            return None
-        m = self._mask[:, position:position + n]
-        if bool(m.all()):
-            return None
-        if m.shape[1] < n:   # (positions past the mask are tokens)
-            m = torch.cat([m, m.new_ones(m.shape[0], n - m.shape[1])], dim=1)
-        return m.to(ref.device)
+            return None, None
+        end = position + n
+        held = self._mask[:, :end]
+        if held.shape[1] < end:   # (positions past the mask are tokens)
+            held = torch.cat([held, held.new_ones(held.shape[0], end - held.shape[1])], dim=1)
+        m = held[:, position:]
+        keep = None
+        if sink and end > sink:
+            # A token's rank in its row: how many tokens come before it.
+            first = held & (held.cumsum(dim=1) <= sink)
+            first[:, :sink] = False           # (those are in the sink)
+            keep = first[:, position:]
+            keep = keep.to(ref.device) if bool(keep.any()) else None
+        return (None if bool(m.all()) else m.to(ref.device)), keep
 
     def _check_states(self, layer: int, k, v, pair) -> None:
         """New states must be like those the layer (or its pair) already holds: batch, heads,

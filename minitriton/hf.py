@@ -159,8 +159,9 @@ class MiniCacheHF(Cache):
 
     Use it as `model.generate(..., **cache_kwargs(model, cache))` or likewise in `model(...)`:
     `cache=cache` on the transformers releases whose forward takes `cache` (5.x; they warn
-    that `past_key_values=` is deprecated), `past_key_values=cache` on 4.57. The merge statistics are those of
-    `MiniCache`: `nbytes`, `dense_nbytes`, `compression_ratio`, `stats()`.
+    that `past_key_values=` is deprecated), `past_key_values=cache` on 4.57. The merge
+    statistics are those of `MiniCache`: `nbytes`, `dense_nbytes`, `compression_ratio`,
+    `stats()`.
     """
 
     def __init__(self, config=None, plan=None, *, num_layers: Optional[int] = None,
@@ -438,8 +439,8 @@ _HOOK_ATTR = "_minitriton_padding_hook"
 def track_padding(model):
     """Hand every forward's 2-D attention mask to the MiniCacheHF it uses (passed as
     `past_key_values=` or `cache=`), before the forward runs: merges then leave padding out
-    of the retention (with W = 1 and no sink, a left-padded row then holds, at its tokens,
-    what it holds unpadded; see `MiniCache.set_attention_mask`). Installed once
+    of the retention (with W = 1, a left-padded row then holds, at its tokens, what it holds
+    unpadded; see `MiniCache.set_attention_mask`). Installed once
     per model (a forward pre-hook; calling it again changes nothing); other caches are left
     alone. Returns the model.
 

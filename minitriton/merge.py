@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (check_dense, check_has_data, check_head_dim, check_mask_dtype, check_same,
-                      check_tensor, check_unit_interval, token_mask)
+from ._checks import (PADDING, check_dense, check_has_data, check_head_dim, check_mask_dtype,
+                      check_same, check_tensor, check_unit_interval, token_mask)
 from .backend import select_backend
 from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
 
 
 def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: float = 0.05,
-          magnitude: str = "norm", *, d_range=None, mask=None) -> MergedPair:
+          magnitude: str = "norm", *, d_range=None, mask=None, keep=None) -> MergedPair:
     """Merge the key (or value) states of two adjacent layers into one MiniCache pair.
 
     For every token (b, h, s), with norms over D and Omega the angle between the two states:
@@ -53,6 +53,11 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             which is always retained): a padded row keeps exactly the tokens the same row
             keeps unpadded. The extremes are then taken from d in one more pass over it (4
             bytes a token). Integer values other than 0 and 1 are refused on a CPU.
+        keep: optional `[B, S]` bool or integer tensor, True / 1 for a token pair kept as it
+            was (retained, whatever its d) and left out of d_min / d_max, as a token outside
+            the merge would be: e.g. a left-padded row's first tokens, which the same row
+            unpadded holds in a dense sink (`MiniCache` does this). Checked as `mask` is; the
+            extremes then take the same extra pass.
 
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
@@ -90,15 +95,17 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         d_range = _check_d_range(d_range, x_prev)
     if mask is not None:
         mask = _check_mask(mask, x_prev)
+    if keep is not None:
+        keep = _check_mask(keep, x_prev, "keep")
     # A view with torch's lazy negation bit (e.g. `z.conj().imag`) holds -x in its storage,
     # which is what a kernel reads: such inputs are materialised (no copy for any other).
     x_prev, x_cur = x_prev.resolve_neg(), x_cur.resolve_neg()
     with torch.no_grad():   # not differentiable: inputs that require grad are read as data
         if select_backend(x_prev.device) == "triton":
             from .kernels.merge import merge_triton
-            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range, mask)
+            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range, mask, keep)
         from .torch_merge import merge_torch
-        return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range, mask)
+        return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range, mask, keep)
 
 
 def restore(m: MergedPair, layer: str | None = None):
@@ -163,17 +170,19 @@ def _check_d_range(d_range, x: torch.Tensor):
     return tuple(out)
 
 
-def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
-    """mask as a bool `[B, S]` tensor on x's device (a view of a bool mask, else a cast)."""
+def _check_mask(mask, x: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """mask (or keep) as a bool `[B, S]` tensor on x's device (a view of a bool mask, else a
+    cast)."""
+    meaning = PADDING if name == "mask" else "1 for a token kept as it is and 0 otherwise"
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a [B, S] bool or integer tensor, got "
+        raise TypeError(f"{name}: expected a [B, S] bool or integer tensor, got "
                         f"{type(mask).__name__}")
-    check_dense("mask", mask)
+    check_dense(name, mask)
     B, _, S, _ = x.shape
     if tuple(mask.shape) != (B, S):
-        raise ValueError(f"mask: expected shape {(B, S)} ([B, S] of x_prev), got "
+        raise ValueError(f"{name}: expected shape {(B, S)} ([B, S] of x_prev), got "
                          f"{tuple(mask.shape)}")
-    check_mask_dtype("mask", mask)
+    check_mask_dtype(name, mask, meaning)
     if mask.device != x.device:
-        raise ValueError(f"mask: device {mask.device} does not match x_prev's {x.device}")
-    return token_mask("mask", mask)
+        raise ValueError(f"{name}: device {mask.device} does not match x_prev's {x.device}")
+    return token_mask(name, mask, meaning)

@@ -76,7 +76,7 @@ def retention_threshold(d_min, d_max, gamma: float):
 
 
 def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str = "norm",
-              d_range=None, mask=None) -> dict:
+              d_range=None, mask=None, keep=None) -> dict:
     """MiniCache merge of one layer pair, in float64.
 
     Returns a dict of numpy arrays:
@@ -86,6 +86,8 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     d_range: optional (d_min, d_max) `[B, H]` of earlier tokens of the same rows.
     mask: optional `[B, S]`, nonzero for a token, 0 for padding: padding is merged like any
     token but is left out of the row's extremes and never retained (unless it has no angle).
+    keep: optional `[B, S]`, nonzero for a token pair kept as it is: always retained, and left
+    out of the row's extremes.
     """
     x_p, x_c = _as64(x_prev), _as64(x_cur)
     with np.errstate(invalid="ignore", over="ignore"):   # (non-finite tokens: set below)
@@ -109,17 +111,20 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     mag_p, mag_c = np.where(has_angle, mag_p, 0.0), np.where(has_angle, mag_c, 0.0)
     # Each (b, h) row's extremes over its tokens with an angle; with none, the extremes of
     # nothing (2 and -1: every later extreme replaces them).
-    # Padding (mask 0) does not count either.
+    # Padding (mask 0) does not count either, nor do the pairs kept as they are (keep 1).
     is_token = np.ones(d.shape, dtype=bool) if mask is None \
         else np.broadcast_to(np.asarray(mask)[:, None, :] != 0, d.shape)
-    d_min = np.min(d, axis=-1, where=has_angle & is_token, initial=2.0)
-    d_max = np.max(d, axis=-1, where=has_angle & is_token, initial=-1.0)
+    kept = np.zeros(d.shape, dtype=bool) if keep is None \
+        else np.broadcast_to(np.asarray(keep)[:, None, :] != 0, d.shape)
+    d_min = np.min(d, axis=-1, where=has_angle & is_token & ~kept, initial=2.0)
+    d_max = np.max(d, axis=-1, where=has_angle & is_token & ~kept, initial=-1.0)
     if d_range is not None:
         d_min = np.fmin(d_min, _as64(d_range[0]))     # (a NaN: no earlier extreme)
         d_max = np.fmax(d_max, _as64(d_range[1]))
     thr = retention_threshold(d_min, d_max, gamma)
-    # The most distinct pairs (Eq. 5) among the tokens, and the pairs without an angle (d = NaN).
-    retained = (is_token & (d > thr[..., None])) | ~has_angle
+    # The most distinct pairs (Eq. 5) among the tokens, the pairs without an angle (d = NaN),
+    # and the pairs kept as they are.
+    retained = (is_token & (d > thr[..., None])) | ~has_angle | kept
     return dict(e=e, mag_prev=mag_p, mag_cur=mag_c, d=d, d_min=d_min, d_max=d_max,
                 threshold=thr, retained=retained, x_prev=x_p, x_cur=x_c)
 

@@ -10,6 +10,10 @@ A token pair with a NaN or inf component, or with a vector longer than float32's
 Padding (a `mask` of 0 for a token position, as in transformers' attention mask) is merged like
 any token but left out of d_min / d_max and never retained, bar a pair without an angle: a
 padded row keeps exactly the tokens that the same row unpadded keeps.
+
+Kept tokens (a `keep` of 1: e.g. a padded row's first tokens, which the same row unpadded holds
+in a dense sink) are always retained and left out of d_min / d_max, as tokens outside the
+merge would be.
 """
 
 from __future__ import annotations
@@ -33,15 +37,20 @@ def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) 
 
 
 def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                 d_range, gather, mask=None) -> MergedPair:
+                 d_range, gather, mask=None, keep=None) -> MergedPair:
     """Retention from d and the row extremes, then the retained store (`gather` is the
     backend's: it reads only the retained tokens). With a `mask` (bool `[B, S]`, False for
-    padding) the extremes are taken again from d over the tokens alone (the backends' cover
-    every position): a pass over d, 4 bytes a token.
+    padding) or a `keep` (bool `[B, S]`, True for a token kept as it is) the extremes are taken
+    again from d over the other tokens (the backends' cover every position): a pass over d,
+    4 bytes a token.
 
     The store is compact, so its size N is read on the host (one synchronisation)."""
-    if mask is not None and d.shape[-1]:
-        counted = mask.unsqueeze(1) & (d == d)          # tokens with an angle
+    if (mask is not None or keep is not None) and d.shape[-1]:
+        counted = d == d                                # tokens with an angle
+        if mask is not None:
+            counted &= mask.unsqueeze(1)
+        if keep is not None:
+            counted &= ~keep.unsqueeze(1)
         d_min = torch.where(counted, d, 2.0).amin(dim=-1)
         d_max = torch.where(counted, d, -1.0).amax(dim=-1)
     if d_range is not None:   # (fmin / fmax: a NaN counts as no earlier extreme)
@@ -51,6 +60,8 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
     retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
     if mask is not None:   # padding: only the pairs without an angle
         retained &= mask.unsqueeze(1) | (d != d)
+    if keep is not None:
+        retained |= keep.unsqueeze(1)
     slot = _slots_from_mask(retained)
     kept_prev, kept_cur = gather(x_prev, x_cur, retained)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,

@@ -193,7 +193,7 @@ def _far_tokens(cos, w_p, w_c, inv_p, inv_c, x_prev, x_cur, also=None):
 
 
 def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
-                magnitude: str, d_range=None, mask=None) -> MergedPair:
+                magnitude: str, d_range=None, mask=None, keep=None) -> MergedPair:
     """See `minitriton.merge` (arguments already validated).
 
     Two passes over chunks of tokens: the three per-token reductions (two norms, one dot),
@@ -273,7 +273,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=dev)
         d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=dev)
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                        d_range, gather=gather_retained_torch, mask=mask)
+                        d_range, gather=gather_retained_torch, mask=mask, keep=keep)
 
 
 def _token_views(x_prev, x_cur, chunked: bool):

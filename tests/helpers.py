@@ -72,14 +72,18 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, d_tol, assert_close,
-                                  d_range=None, mask=None):
+                                  d_range=None, mask=None, keep=None):
     """Compare a MergedPair with merge_ref on every stored quantity and the restore."""
     import minitriton
 
     r = merge_ref(xp, xc, t, gamma, magnitude, d_range=d_range,
-                  mask=None if mask is None else mask.cpu())
+                  mask=None if mask is None else mask.cpu(),
+                  keep=None if keep is None else keep.cpu())
     dtype = xp.dtype
     retained = m.retained.cpu().numpy()
+    if keep is not None:      # (never borderline)
+        assert retained[np.broadcast_to(keep.cpu().numpy()[:, None, :] != 0,
+                                        retained.shape)].all(), "a kept token was merged"
     borderline = np.abs(r["d"] - r["threshold"][..., None]) <= d_tol
     wrong = (retained != r["retained"]) & ~borderline
     assert not wrong.any(), (f"retention differs from the reference at {int(wrong.sum())} "

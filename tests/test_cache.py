@@ -35,8 +35,15 @@ def _feed(cache, ks, vs, schedule):
 
 def _expected(spec, kp, kc, vp, vc, prompt, window, total, mask=None):
     """sink + (prompt chunk, then W-chunks merged with d_range) + tail, computed independently
-    (`mask`: bool `[B, total]`, False for padding)."""
+    (`mask`: bool `[B, total]`, False for padding; a row's first `sink` tokens past the sink
+    positions are kept as they are)."""
     s = spec.sink
+    keep = None
+    if mask is not None:
+        keep = torch.zeros_like(mask)
+        for b in range(mask.shape[0]):
+            tokens = torch.nonzero(mask[b]).flatten()[:s]
+            keep[b, tokens[tokens >= s]] = True
     bounds = [s, max(prompt, s)]
     # Decoded tokens are merged in whole W-chunks once the next forward starts; the last
     # forward's tokens (one here) always stay in the tail.
@@ -51,7 +58,8 @@ def _expected(spec, kp, kc, vp, vc, prompt, window, total, mask=None):
             rng = None if m is None else (m.d_min, m.d_max)
             new = minitriton.merge(a[:, :, lo:hi], b[:, :, lo:hi], spec.t, spec.gamma,
                                    spec.magnitude, d_range=rng,
-                                   mask=None if mask is None else mask[:, lo:hi])
+                                   mask=None if mask is None else mask[:, lo:hi],
+                                   keep=None if keep is None else keep[:, lo:hi])
             m = new if m is None else minitriton.MergedPair.cat([m, new])
         rp, rc = minitriton.restore(m)
         end = bounds[-1]
@@ -581,6 +589,45 @@ def test_padded_row_keeps_what_it_keeps_unpadded():
     cache = MiniCache(L, [PairSpec(1, gamma=0.3)], window=1)
     _feed(cache, ks, vs, [prompt] + [1] * steps)
     assert not torch.equal(cache.merged_pairs(1)[0].d_max[1:], caches["alone"][0].d_max)
+
+
+@pytest.mark.parametrize("sink,pad", [(3, 5), (3, 2), (6, 5), (4, 4)])
+def test_padded_row_with_a_sink_holds_what_it_holds_unpadded(sink, pad):
+    """With W = 1 and a sink, a left-padded row keeps its own first `sink` tokens as they are
+    (those past the sink positions are retained, outside the extremes), so at its tokens it
+    holds exactly what the same row alone (unpadded) holds: the restored states bit for bit,
+    and the same extremes."""
+    L, prompt, steps = 4, 9, 6
+    ks, vs = _padded_states(L, prompt + steps, pad, seed=13)
+    mask = torch.ones(B, prompt, dtype=torch.int64)
+    mask[1, :pad] = 0
+    caches = {}
+    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
+        cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
+        if name == "padded":
+            cache.set_attention_mask(mask)
+        _feed(cache, [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs],
+              [prompt - start] + [1] * steps)
+        caches[name] = cache
+    padded, alone = caches["padded"], caches["alone"]
+    for layer in (1, 2):
+        for got, want in zip(padded.get(layer), alone.get(layer)):
+            assert torch.equal(got[1:, :, pad:], want), layer
+    kept = 0
+    for p, a in zip(padded.merged_pairs(1), alone.merged_pairs(1)):
+        assert torch.equal(p.d_min[1:], a.d_min) and torch.equal(p.d_max[1:], a.d_max)
+        # the row's first tokens past the sink positions: retained in the padded store
+        first = max(0, sink - pad)            # (how many of them the padded sink holds)
+        n = min(sink, prompt + steps - 1 - pad) - first
+        s0 = max(sink, pad) - sink            # (their place in the store)
+        assert p.retained[1, :, s0:s0 + n].all()
+        kept += n
+    assert kept > 0
+    # The batch's other row, unpadded, keeps nothing more than it would alone.
+    other = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
+    _feed(other, [k[:1] for k in ks], [v[:1] for v in vs], [prompt] + [1] * steps)
+    for p, o in zip(padded.merged_pairs(1), other.merged_pairs(1)):
+        assert torch.equal(p.retained[:1], o.retained)
 
 
 @pytest.mark.parametrize("window,sink", [(3, 2), (4, 0), (1, 6)])

@@ -173,6 +173,26 @@ def test_d_range(backend, pair):
         assert torch.equal(getattr(with_nan, name), getattr(alone, name)), name
 
 
+def test_keep(backend, pair):
+    """keep is checked as mask is, with its own name and meaning."""
+    xp, xc = pair   # [1, 2, 5, 32]
+    dev = xp.device
+    _raises(TypeError, "keep: expected a .B, S. bool or integer tensor, got list",
+            minitriton.merge, xp, xc, keep=[[1, 1, 1, 1, 1]])
+    _raises(ValueError, r"keep: expected shape \(1, 5\) \(\[B, S\] of x_prev\), got \(5,\)",
+            minitriton.merge, xp, xc, keep=torch.ones(5, device=dev, dtype=torch.bool))
+    _raises(TypeError, r"keep: dtype torch.float16 is not supported \(expected bool or an "
+            r"integer dtype, 1 for a token kept as it is and 0 otherwise\)", minitriton.merge,
+            xp, xc, keep=torch.ones(1, 5, device=dev, dtype=torch.float16))
+    _raises(ValueError, "keep: device meta does not match", minitriton.merge, xp, xc,
+            keep=torch.ones(1, 5, device="meta", dtype=torch.bool))
+    if dev.type == "cpu":
+        _raises(ValueError, r"keep: expected 1 for a token kept as it is and 0 otherwise, got 3 "
+                r"at \(0, 1\)", minitriton.merge, xp, xc, keep=torch.tensor([[0, 3, 0, 0, 0]]))
+    m = minitriton.merge(xp, xc, 0.6, 0.0, keep=torch.tensor([[0, 1, 0, 0, 1]], device=dev))
+    assert m.retained[0, :, 1].all() and m.retained[0, :, 4].all() and m.num_retained == 4
+
+
 def test_mask(backend, pair):
     xp, xc = pair   # [1, 2, 5, 32]
     dev = xp.device

@@ -105,8 +105,8 @@ def test_calibrate_returns_a_plan_within_budget(model, ids):
     (dict(match_compression=0.5), ValueError, "match_compression: expected a compression "
                                               "ratio >= 1, got 0.5"),
     (dict(progress="no"), TypeError, "progress: expected a bool, got str"),
-    (dict(ids=None, text="Hi"), TypeError, "tokenizer: expected a tokenizer to encode the text (or pass "
-                                "ids), got NoneType"),
+    (dict(ids=None, text="Hi"), TypeError, "tokenizer: expected a tokenizer to encode the "
+                                           "text (or pass ids), got NoneType"),
     (dict(ids=None, text=3), TypeError, "text: expected a str, got int"),
     (dict(ids=[0.5, 1.5]), TypeError, "ids: expected integer token ids, got dtype"),
     (dict(ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, "ids: expected a [N] (or "

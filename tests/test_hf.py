@@ -159,7 +159,8 @@ def test_bad_batch_edits_and_layers_are_named(model):
             (lambda: cache.batch_repeat_interleave(-1), ValueError, "repeats: expected an int"),
             (lambda: cache.batch_repeat_interleave(0), ValueError, "repeats: expected an int"),
             (lambda: cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), L),
-             ValueError, f"layer_idx: expected an int in \\[0, {L}\\), got {L}"),
+             ValueError, f"layer_idx: expected an int in \\[0, {L}\\) \\(the cache was built "
+                         f"for {L} layers\\), got {L}"),
             (lambda: cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), "0"),
              TypeError, "layer_idx: expected an int, got str")):
         with pytest.raises(exc, match=match):

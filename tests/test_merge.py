@@ -758,6 +758,43 @@ def test_mask_matches_reference_drawn(backend, device, S, D, dtype, gamma, kind,
                           np.zeros_like(r["retained"]))
 
 
+@given(S=st.sampled_from([1, 2, 7, 31]), D=st.sampled_from([16, 80]),
+       dtype=st.sampled_from(DTYPES), gamma=st.sampled_from([0.0, 0.3, 1.0]) | st.floats(0, 1),
+       with_mask=st.booleans(), seed=st.integers(0, 2**16))
+def test_keep_matches_reference_drawn(backend, device, S, D, dtype, gamma, with_mask, seed):
+    """Kept pairs are retained whatever their d and left out of the extremes, with or without
+    a padding mask, against the reference."""
+    g = torch.Generator().manual_seed(seed)
+    xp, xc = make_pair(2, 3, S, D, dtype, device, seed=seed, outliers=1)
+    keep = torch.rand(2, S, generator=g) < 0.3
+    mask = torch.rand(2, S, generator=g) < 0.7 if with_mask else None
+    m = minitriton.merge(xp, xc, 0.6, gamma, keep=keep.to(device),
+                         mask=None if mask is None else mask.to(device))
+    check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", D_TOL, assert_close,
+                                  mask=mask, keep=keep)
+
+
+def test_kept_tokens_are_outside_the_merge(backend, device):
+    """A pair merged with the first k tokens kept holds, at the other tokens, what the merge of
+    those tokens alone holds, bit for bit (e, magnitudes, retention, extremes): the kept tokens
+    weigh on nothing. Here they are nearly antiparallel (d near 1): counted, they would be every
+    row's d_max. Their originals come back exactly."""
+    xp, xc = make_pair(2, 3, 23, 48, torch.bfloat16, device, seed=91, outliers=2)
+    xc[:, :, :4] = -xp[:, :, :4]
+    keep = torch.zeros(2, 23, dtype=torch.int64, device=device)
+    keep[:, :4] = 1
+    m = minitriton.merge(xp, xc, 0.6, 0.2, keep=keep)
+    rest = minitriton.merge(xp[:, :, 4:], xc[:, :, 4:], 0.6, 0.2)
+    assert m.retained[:, :, :4].all()
+    for name in ("e", "mag_prev", "mag_cur", "retained"):
+        assert torch.equal(getattr(m, name)[:, :, 4:], getattr(rest, name)), name
+    assert torch.equal(m.d_min, rest.d_min) and torch.equal(m.d_max, rest.d_max)
+    for got, x in zip(minitriton.restore(m), (xp, xc)):
+        assert torch.equal(got[:, :, :4], x[:, :, :4])
+    plain = minitriton.merge(xp, xc, 0.6, 0.2)
+    assert not torch.equal(plain.d_max, m.d_max)         # (they would count without keep)
+
+
 def test_full_mask_changes_nothing(backend, device):
     """A mask of all tokens (bool or int64) gives the unmasked result, bit for bit."""
     xp, xc = make_pair(2, 2, 23, 64, torch.bfloat16, device, seed=8, outliers=3)

@@ -213,7 +213,7 @@ def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: 
 
 
 def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: float,
-                 magnitude: str, d_range=None, mask=None) -> MergedPair:
+                 magnitude: str, d_range=None, mask=None, keep=None) -> MergedPair:
     """Launch pass 1, mark, gather. Arguments are validated by `minitriton.merge`."""
     B, H, S, D = x_prev.shape
     dev = x_prev.device
@@ -233,7 +233,7 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
                 PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
                         d_range, gather=lambda xp, xc, retained: gather_retained_triton(
-                            xp, xc, retained, e, mag_p, mag_c, d), mask=mask)
+                            xp, xc, retained, e, mag_p, mag_c, d), mask=mask, keep=keep)
 
 
 def aot_specs() -> list:
