@@ -49,6 +49,8 @@ def _token_ids(ids) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"ids: expected token ids (a sequence or tensor of ints), got "
                         f"{type(ids).__name__} ({err})") from None
+    if out.numel() == 0:
+        raise ValueError("ids: expected token ids, got none")
     if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
         raise TypeError(f"ids: expected integer token ids, got dtype {out.dtype}")
     if out.dim() == 2 and out.shape[0] == 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -82,18 +82,26 @@ def _out_file(path: str) -> str:
 
 
 def _out_dir(path: str) -> str:
-    """An argparse type: an output folder, created now (a folder that cannot be created or
-    written fails here, not after the run)."""
+    """An argparse type: an output folder that can be created and written (checked by creating
+    it and a file in it; what the check made is removed again, so that a run that fails
+    leaves nothing; the run creates the folder when it writes)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{path!r} is a file; expected a folder")
+    made = [q for q in [p, *p.parents] if not q.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".minitriton-", delete=True)
+        probe.close()
     except OSError as err:
         raise argparse.ArgumentTypeError(
-            f"cannot create the folder {path!r} ({err.strerror})") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"the folder {path!r} is not writable")
+            f"cannot create the folder {path!r} or a file in it ({err.strerror})") from None
+    finally:
+        for q in made:           # deepest first
+            try:
+                q.rmdir()
+            except OSError:
+                pass
     return path
 
 

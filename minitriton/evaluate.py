@@ -52,9 +52,12 @@ def token_windows(ids, n_windows: int = WINDOWS, *, start: int = 0, prefix: int 
     for w in range(n_windows):
         a = start + stride * w
         if a + prefix + continuation > ids.numel():
-            if w == 0:
+            if w == 0 and start and prefix + continuation <= ids.numel():
                 raise ValueError(f"start: window 0, from token {start}, needs tokens up to "
                                  f"{a + prefix + continuation}, the text has {ids.numel()}")
+            if w == 0:
+                raise ValueError(f"text: {ids.numel()} tokens, too few for one window "
+                                 f"({prefix + continuation} tokens from token {start})")
             raise ValueError(f"n_windows: window {w} needs tokens up to "
                              f"{a + prefix + continuation}, the text has {ids.numel()}")
         out.append(Window(ids[a:a + prefix][None], ids[a + prefix:a + prefix + continuation][None]))

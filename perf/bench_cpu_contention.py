@@ -31,9 +31,10 @@ SETTINGS = (   # name, environment
     ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
     ("1 thread", {"OMP_NUM_THREADS": "1"}),
 )
-# The busy neighbour: small elementwise ops and row sums, on torch's default threads.
-NEIGHBOUR = ("import torch\nx = torch.randn(64, 4096)\nwhile True:\n"
-             "    (x * 2 + 1).sum(dim=-1)\n")
+# The busy neighbour: small elementwise ops and row sums, on torch's default threads, until
+# its parent (argv[1]) is gone, however that ends.
+NEIGHBOUR = ("import os, sys, torch\nparent = int(sys.argv[1])\nx = torch.randn(64, 4096)\n"
+             "while os.getppid() == parent:\n    (x * 2 + 1).sum(dim=-1)\n")
 
 
 def _worker(shape, rounds: int) -> dict:
@@ -65,6 +66,12 @@ def _run_setting(env_extra: dict, shape, rounds: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _check_alive(neighbour) -> None:
+    if neighbour is not None and neighbour.poll() is not None:
+        raise RuntimeError(f"the busy neighbour exited ({neighbour.returncode}): the busy "
+                           f"figures would be idle ones")
+
+
 def _shape(text: str):
     try:
         shape = tuple(int(v) for v in text.split(","))
@@ -94,11 +101,13 @@ def main(argv=None) -> int:
     for load in ("idle", "busy neighbour"):
         neighbour = None
         if load != "idle":
-            neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+            neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(os.getpid())])
             time.sleep(2.0)   # (its start-up)
         try:
             for name, extra in SETTINGS:
+                _check_alive(neighbour)
                 r = _run_setting(extra, args.shape, args.rounds)
+                _check_alive(neighbour)
                 rows.append(dict(load=load, setting=name, **r))
                 print(f"{load:15s} {name:24s} merge {r['merge']:9.1f} ms  add "
                       f"{r['add']:7.1f} ms", file=sys.stderr)

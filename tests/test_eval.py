@@ -112,6 +112,11 @@ def test_calibrate_returns_a_plan_within_budget(model, ids):
     (dict(ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, "ids: expected a [N] (or "
                                                                 "[1, N]) sequence"),
     (dict(ids=["a", "b"]), TypeError, "ids: expected token ids (a sequence or tensor of ints)"),
+    (dict(ids=[]), ValueError, "ids: expected token ids, got none"),
+    (dict(ids=list(range(500))), ValueError, "text: 500 tokens, too few for one window (768 "
+                                             "tokens from token 0)"),
+    (dict(ids=list(range(900)), start=200), ValueError, "start: window 0, from token 200, "
+                                                        "needs tokens up to 968, the text has 900"),
 ])
 def test_calibrate_checks_its_arguments_before_any_work(kwargs, error, message):
     kwargs = {"ids": list(range(2000)), "start": 0, "n_windows": 1, "progress": False, **kwargs}
@@ -131,11 +136,14 @@ def test_cli_parser(tmp_path, monkeypatch):
     args = build_parser().parse_args(["eval", "--json", "--windows", "2"])
     assert args.json and args.windows == 2 and args.func.__name__ == "cmd_eval"
     monkeypatch.chdir(tmp_path)
-    assert not (tmp_path / "minitriton-demo").exists()
-    args = build_parser().parse_args(["demo"])     # the output folder is made at parse time
-    assert args.out == "minitriton-demo" and (tmp_path / "minitriton-demo").is_dir()
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "minitriton-demo"
+    # The output folders are checked by making them, and what the check made is removed.
     args = build_parser().parse_args(["calibrate", "--plots", str(tmp_path / "a" / "b")])
-    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "c").mkdir()
+    build_parser().parse_args(["demo", "--out", str(tmp_path / "c")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert not any((tmp_path / "c").iterdir())
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -155,7 +163,8 @@ def test_cli_parser(tmp_path, monkeypatch):
     (["calibrate", "--plots", __file__], f"--plots: {__file__!r} is a file"),
     (["demo", "--out", __file__], f"--out: {__file__!r} is a file"),
     (["demo", "--out", f"{__file__}/plots"], f"--out: cannot create the folder "
-                                              f"{__file__ + '/plots'!r} (Not a directory)"),
+                                              f"{__file__ + '/plots'!r} or a file in it (Not a "
+                                              f"directory)"),
     (["calibrate", "--plots", f"{__file__}/x/y"], "--plots: cannot create the folder "),
     (["calibrate", "--budget", "-1"], "--budget: expected a percentage > 0"),
     (["calibrate", "--sink", "-2"], "--sink: expected an int >= 0"),

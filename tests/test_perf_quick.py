@@ -124,3 +124,14 @@ def test_contention_bench_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_cpu_contention.main(["--shape", "1,2,8"])
     assert "expected B,H,S,D" in capsys.readouterr().err
+
+
+def test_contention_bench_refuses_a_dead_neighbour(tmp_path, monkeypatch):
+    """Busy figures are never idle ones: a neighbour that exits stops the run."""
+    from perf import bench_cpu_contention
+    monkeypatch.setattr(bench_cpu_contention, "SETTINGS", bench_cpu_contention.SETTINGS[:1])
+    monkeypatch.setattr(bench_cpu_contention, "NEIGHBOUR", "import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"the busy neighbour exited \(3\)"):
+        bench_cpu_contention.main(["--shape", "1,2,8,16", "--rounds", "1", "--out",
+                                   str(tmp_path)])
+    assert not (tmp_path / "bench_cpu_contention.md").exists()
