@@ -36,7 +36,8 @@ mask, 0 for padding, as transformers' attention mask of a left-padded batch): me
 padding out of each row's extremes and never retain it (`merge(..., mask=)`). A sink takes each
 row's first positions, padding included: a padded row's own first `sink` tokens that fall past
 them are kept as they are in the store (`merge(..., keep=)`: retained, out of the extremes).
-With W = 1, a padded row then holds, at its tokens, exactly what it holds unpadded, sink or not.
+With W = 1, a padded row then holds, at its tokens, exactly what it holds unpadded, sink or not
+(in slerp pairs: a "mean" pair, which has no retention, averages those tokens).
 Padding is still stored (merged) and counted in the bytes; the model's attention mask hides it.
 
 Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
@@ -239,9 +240,10 @@ class _Pair:
             self.tail_v[side] = pick(self.tail_v[side], tail_n)
         if self.mk is not None:
             # Cropped tokens leave the store; d_min / d_max stay the extremes of every token that
-            # was merged, so later chunks keep a threshold at least as strict as before.
-            self.mk = _reindex(self.mk, (b_idx, slice(0, merged_n))) if merged_n else None
-            self.mv = _reindex(self.mv, (b_idx, slice(0, merged_n))) if merged_n else None
+            # was merged (in a store of no tokens, if none is left), so later chunks keep a
+            # threshold at least as strict as before.
+            self.mk = _reindex(self.mk, (b_idx, slice(0, merged_n)))
+            self.mv = _reindex(self.mv, (b_idx, slice(0, merged_n)))
         self.mean_k = pick(self.mean_k, merged_n)
         self.mean_v = pick(self.mean_v, merged_n)
 
@@ -363,7 +365,7 @@ class MiniCache:
         Merges then leave padding out of each row's d_min / d_max and never retain it (see
         `merge`'s `mask`), and keep a padded row's own first `sink` tokens that fall past the
         sink positions as they are (`merge`'s `keep`): with W = 1, a left-padded row holds, at
-        its tokens, exactly what it holds unpadded.
+        its tokens, exactly what it holds unpadded (in slerp pairs).
         Set it before the forward whose tokens it covers (`minitriton.hf.track_padding` does
         it for every forward of a transformers model). The cache keeps a bool copy on the
         mask's device; integer values are checked on a CPU (on CUDA, where checking would
@@ -400,8 +402,8 @@ class MiniCache:
         """`(mask, keep)` of the n tokens from `position`, on ref's device: the padding mask
         (None when they are all tokens), and the tokens to keep as they are (None for none):
         each row's first `sink` tokens that a padded row has past the sink positions, which
-        the same row unpadded holds in its sink. Read on the host (a CUDA mask synchronises,
-        as the merge that follows does)."""
+        the same row unpadded holds in its sink. Read on the host in one read (a CUDA mask
+        synchronises, as the merge that follows does)."""
         if self._mask is None:
             return None, None
         end = position + n
@@ -415,8 +417,11 @@ class MiniCache:
             first = held & (held.cumsum(dim=1) <= sink)
             first[:, :sink] = False           # (those are in the sink)
             keep = first[:, position:]
-            keep = keep.to(ref.device) if bool(keep.any()) else None
-        return (None if bool(m.all()) else m.to(ref.device)), keep
+            padded, kept = torch.stack([~m.all(), keep.any()]).tolist()
+            keep = keep.to(ref.device) if kept else None
+        else:
+            padded = not bool(m.all())
+        return (m.to(ref.device) if padded else None), keep
 
     def _check_states(self, layer: int, k, v, pair) -> None:
         """New states must be like those the layer (or its pair) already holds: batch, heads,

@@ -630,6 +630,37 @@ def test_padded_row_with_a_sink_holds_what_it_holds_unpadded(sink, pad):
         assert torch.equal(p.retained[:1], o.retained)
 
 
+@pytest.mark.parametrize("cut", [3, 4, 5, 6])
+def test_padded_row_with_a_sink_through_a_crop(cut):
+    """A crop keeps the store's extremes even when it leaves no merged token: a left-padded row
+    with a sink, cropped and decoded further, still holds what the same prompt alone holds
+    (cropped to the same tokens), however many of its kept tokens the crop leaves."""
+    L, pad, prompt, steps, sink, more = 4, 2, 9, 6, 3, 6
+    ks, vs = _padded_states(L, prompt + steps + more, pad, seed=17)
+    mask = torch.ones(B, prompt, dtype=torch.int64)
+    mask[1, :pad] = 0
+    caches = {}
+    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
+        cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
+        if name == "padded":
+            cache.set_attention_mask(mask)
+        K, V = [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs]
+        _feed(cache, K, V, [prompt - start] + [1] * steps)
+        before = cache.merged_pairs(1)[0].d_max.clone()
+        cache.crop(cut - start)
+        m = cache.merged_pairs(1)[0]
+        assert torch.equal(m.d_max, before) and m.shape[2] == max(0, cut - start - sink)
+        for pos in range(cut - start, cut - start + more):
+            for layer in range(L):
+                cache.update(layer, K[layer][:, :, pos:pos + 1], V[layer][:, :, pos:pos + 1])
+        caches[name] = cache
+    for layer in (1, 2):
+        for got, want in zip(caches["padded"].get(layer), caches["alone"].get(layer)):
+            assert torch.equal(got[1:, :, pad:], want), layer
+    for p, a in zip(caches["padded"].merged_pairs(1), caches["alone"].merged_pairs(1)):
+        assert torch.equal(p.d_min[1:], a.d_min) and torch.equal(p.d_max[1:], a.d_max)
+
+
 @pytest.mark.parametrize("window,sink", [(3, 2), (4, 0), (1, 6)])
 def test_mask_follows_positions_through_sinks_and_chunks(window, sink):
     """The mask's positions line up with the tokens through the sink, the prompt chunk and the
