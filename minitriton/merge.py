@@ -55,9 +55,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             bytes a token). Integer values other than 0 and 1 are refused on a CPU.
         keep: optional `[B, S]` bool or integer tensor, True / 1 for a token pair kept as it
             was (retained, whatever its d, padding too) and left out of d_min / d_max, as a
-            token outside the merge would be: e.g. a left-padded row's first tokens, which the same row
-            unpadded holds in a dense sink (`MiniCache` does this). Checked as `mask` is; the
-            extremes then take the same extra pass.
+            token outside the merge would be: e.g. a left-padded row's first tokens, which the
+            same row unpadded holds in a dense sink (`MiniCache` does this). Checked as `mask`
+            is; the extremes then take the same extra pass.
 
     Returns:
         A `MergedPair` (see its docstring for the layout; `restore` gives the dense states back).
