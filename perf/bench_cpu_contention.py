@@ -79,6 +79,8 @@ def _shape(text: str):
         raise argparse.ArgumentTypeError(f"expected B,H,S,D, got {text!r}") from None
     if len(shape) != 4 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected B,H,S,D (each >= 1), got {text!r}")
+    if not 16 <= shape[3] <= 256:
+        raise argparse.ArgumentTypeError(f"head dim D={shape[3]} is outside [16, 256]")
     return shape
 
 
