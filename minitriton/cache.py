@@ -94,6 +94,14 @@ def _cat(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
     return torch.cat([a, b], dim=2)
 
 
+def _append(held: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+    """`held` followed by `new` along S, in memory of the cache's own: the caller may reuse or
+    overwrite `new` afterwards (a decoder writing every layer's states into one buffer)."""
+    if held is None or held.shape[2] == 0:
+        return new.clone()
+    return held if new.shape[2] == 0 else torch.cat([held, new], dim=2)
+
+
 def _len(x: Optional[torch.Tensor]) -> int:
     return 0 if x is None else int(x.shape[2])
 
@@ -309,7 +317,8 @@ class MiniCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Store new states `[B, H, S, D]` of `layer`. Returns True when they were the first
-        states of a merged pair (a prefill chunk, to be attended at full precision)."""
+        states of a merged pair (a prefill chunk, to be attended at full precision). The cache
+        holds its own copies: `k` and `v` may be reused or overwritten afterwards."""
         layer = self._check_layer(layer)
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -324,8 +333,8 @@ class MiniCache:
             raise ValueError(f"mask: the attention mask has {self._mask.shape[0]} rows, "
                              f"layer {layer}'s states a batch of {k.shape[0]}")
         if pair is None:
-            self._dense_k[layer] = _cat(self._dense_k[layer], k)
-            self._dense_v[layer] = _cat(self._dense_v[layer], v)
+            self._dense_k[layer] = _append(self._dense_k[layer], k)
+            self._dense_v[layer] = _append(self._dense_v[layer], v)
             return False
         if side == 0:
             if pair.pending is not None:
@@ -333,11 +342,11 @@ class MiniCache:
                                  f"{layer + 1}, the other layer of its merged pair (a step "
                                  f"updates the layers in order)")
             if pair.empty():
-                pair.pending = (k, v)
+                pair.pending = (k.clone(), v.clone())     # (the caller may reuse k, v)
                 return True
             pair.flush(self.window, self._chunk_marks)
-            pair.tail_k[0] = _cat(pair.tail_k[0], k)
-            pair.tail_v[0] = _cat(pair.tail_v[0], v)
+            pair.tail_k[0] = _append(pair.tail_k[0], k)
+            pair.tail_v[0] = _append(pair.tail_v[0], v)
             return False
         if pair.pending is not None:
             kp, vp = pair.pending
@@ -352,8 +361,8 @@ class MiniCache:
                              f"{layer - 1}, the first layer of its merged pair, holds "
                              f"{pair.seq_len(0)} and this one {pair.seq_len(1)} (a step "
                              f"updates layer {layer - 1} first, with as many tokens)")
-        pair.tail_k[1] = _cat(pair.tail_k[1], k)
-        pair.tail_v[1] = _cat(pair.tail_v[1], v)
+        pair.tail_k[1] = _append(pair.tail_k[1], k)
+        pair.tail_v[1] = _append(pair.tail_v[1], v)
         return False
 
     def set_attention_mask(self, mask) -> None:
@@ -513,6 +522,20 @@ class MiniCache:
         The store's padding is skipped with `seq_starts`; padding in the sink by placing the
         sink after the tail, reversed (attention does not depend on the order of the tokens),
         so that it ends the extra tokens and `tail_lens` leaves it out."""
+        layer = self._check_layer(layer)
+        if not isinstance(pads, torch.Tensor) or pads.is_floating_point() or pads.is_complex() \
+                or pads.dtype == torch.bool:
+            raise TypeError(f"pads: expected an integer [B] CPU tensor, got "
+                            f"{getattr(pads, 'dtype', type(pads).__name__)}")
+        if pads.device.type != "cpu":
+            raise ValueError(f"pads: expected a CPU tensor (read on the host), got device "
+                             f"{pads.device}")
+        B = self.batch_size()
+        if B is not None and tuple(pads.shape) != (B,):
+            raise ValueError(f"pads: expected shape ({B},) (the batch held), got "
+                             f"{tuple(pads.shape)}")
+        if pads.numel() and int(pads.min()) < 0:
+            raise ValueError(f"pads: expected counts >= 0, got {pads.tolist()}")
         parts = self.decode_parts(layer)
         if parts is None:
             return None
@@ -520,7 +543,7 @@ class MiniCache:
         pair, s = self._locate(layer)
         sink, merged = _len(pair.sink_k[s]), pair.merged_len()
         pads = pads.to(torch.int64)
-        if pads.shape != (k_pair.shape[0],) or bool((pads > sink + merged).any()):
+        if bool((pads > sink + merged).any()):
             return None
         dev = k_pair.device
         starts = (pads - sink).clamp(0, merged).to(dtype=torch.int32, device=dev)
@@ -602,9 +625,10 @@ class MiniCache:
 
     @property
     def compression_ratio(self) -> float:
-        """dense_nbytes / nbytes (1.0 for an empty plan, and for a cache that holds nothing)."""
-        nbytes = self.nbytes
-        return self.dense_nbytes / nbytes if nbytes else 1.0
+        """dense_nbytes / nbytes (1.0 for an empty plan, and for a cache that holds no token:
+        a store cropped to nothing still holds its d extremes)."""
+        dense = self.dense_nbytes
+        return dense / self.nbytes if dense else 1.0
 
     def retained_fraction(self) -> Optional[float]:
         """Fraction of merged token pairs retained (keys and values together), or None."""
@@ -617,13 +641,14 @@ class MiniCache:
         return kept / total if total else None
 
     def stats(self) -> list[dict]:
-        """Per layer: seq_len, nbytes, dense_nbytes, compression, and the pair it belongs to."""
+        """Per layer: seq_len, nbytes, dense_nbytes, compression (1.0 for a layer that holds no
+        token), and the pair it belongs to."""
         out = []
         for i in range(self.num_layers):
             found = self.plan.lookup(i)
             nb, dn = self.layer_nbytes(i), self.layer_dense_nbytes(i)
             out.append(dict(layer=i, seq_len=self.seq_len(i), nbytes=nb, dense_nbytes=dn,
-                            compression=dn / max(nb, 1),
+                            compression=dn / nb if dn else 1.0,
                             pair=None if found is None else found[0].describe()))
         return out
 

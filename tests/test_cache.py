@@ -435,6 +435,31 @@ def test_bad_updates():
     assert cache.seq_len(1) == 3      # (a refused update stores nothing)
 
 
+@pytest.mark.parametrize("window,sink", [(1, 0), (3, 2)])
+def test_callers_buffers_may_be_reused(window, sink):
+    """A decoder that writes every layer's states into one buffer, step after step, gets what
+    fresh tensors give: the cache never holds the caller's memory."""
+    L, prompt, steps = 4, 6, 5
+    ks, vs = _states(L, prompt + steps, seed=23)
+    plan = [PairSpec(1, gamma=0.3, sink=sink)]
+    fresh = MiniCache(L, plan, window=window)
+    _feed(fresh, ks, vs, [prompt] + [1] * steps)
+    reused = MiniCache(L, plan, window=window)
+    pos = 0
+    for n in [prompt] + [1] * steps:
+        kbuf, vbuf = torch.empty(B, H, n, D), torch.empty(B, H, n, D)
+        for layer in range(L):
+            kbuf.copy_(ks[layer][:, :, pos:pos + n])
+            vbuf.copy_(vs[layer][:, :, pos:pos + n])
+            reused.update(layer, kbuf, vbuf)
+        kbuf.fill_(float("nan"))
+        vbuf.fill_(float("nan"))
+        pos += n
+    for layer in range(L):
+        for got, want in zip(reused.get(layer), fresh.get(layer)):
+            assert torch.equal(got, want), layer
+
+
 def test_edits_are_checked_before_anything_changes():
     """crop / select_batch in the middle of a pair's prefill, or with out-of-range rows, raise
     and leave every layer as it was."""
@@ -493,6 +518,22 @@ def test_plans_take_numpy_numbers_and_check_json():
     with pytest.raises(TypeError, match="window: expected an int >= 1, got bool"):
         MiniCache(4, window=True)
     assert MiniCache(2, []).compression_ratio == 1.0
+
+
+def test_a_cache_of_no_tokens_compresses_by_one():
+    """Fresh, or cropped to nothing (its stores still hold their d extremes): compression 1.0,
+    in total and per layer."""
+    L = 4
+    ks, vs = _states(L, 7)
+    cache = MiniCache(L, [PairSpec(2, gamma=0.3)], window=1)
+    assert cache.compression_ratio == 1.0
+    assert [s["compression"] for s in cache.stats()] == [1.0] * L
+    _feed(cache, ks, vs, [5, 1, 1])
+    assert cache.compression_ratio > 1.0
+    cache.crop(0)
+    assert cache.seq_len(2) == 0 and cache.nbytes > 0 and cache.dense_nbytes == 0
+    assert cache.compression_ratio == 1.0
+    assert [s["compression"] for s in cache.stats()] == [1.0] * L
 
 
 def test_settings_are_checked_where_they_are_given():
@@ -763,3 +804,14 @@ def test_padded_decode_parts(pads):
         want, _ = decode_attention_ref(q, k, v, seq_starts=pads)
         torch.testing.assert_close(o.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
     assert cache.padded_decode_parts(2, torch.tensor([cache.seq_len(2), 0])) is None
+    for bad, exc, match in (([0, 1], TypeError, "pads: expected an integer .B. CPU tensor, got "
+                                                "list"),
+                            (torch.tensor([0.5, 1.0]), TypeError, "got torch.float32"),
+                            (torch.tensor([0, 1, 2]), ValueError,
+                             r"pads: expected shape \(2,\) \(the batch held\), got \(3,\)"),
+                            (torch.tensor([-3, 1]), ValueError, r"pads: expected counts >= 0, "
+                                                                r"got \[-3, 1\]"),
+                            (torch.zeros(2, dtype=torch.int64, device="meta"), ValueError,
+                             "pads: expected a CPU tensor")):
+        with pytest.raises(exc, match=match):
+            cache.padded_decode_parts(2, bad)
