@@ -560,9 +560,10 @@ class MiniCache:
         rollback, e.g. assisted decoding's, needs): True for a dense layer, a "mean" pair (each
         token is averaged on its own) and a slerp pair with no merged token yet. Once tokens are
         merged, a crop that cuts into them cannot restore the rest: each merged chunk's
-        threshold came from the extremes of all its tokens."""
+        threshold came from the extremes of all its tokens (and a store cropped to no token
+        keeps those extremes for the chunks to come)."""
         pair, _ = self._locate(layer)
-        return pair is None or pair.spec.method == "mean" or pair.merged_len() == 0
+        return pair is None or pair.spec.method == "mean" or pair.mk is None
 
     def merged_pairs(self, layer: int):
         """The (keys, values) MergedPairs of `layer`'s pair, or None."""

@@ -530,10 +530,13 @@ def test_a_cache_of_no_tokens_compresses_by_one():
     assert [s["compression"] for s in cache.stats()] == [1.0] * L
     _feed(cache, ks, vs, [5, 1, 1])
     assert cache.compression_ratio > 1.0
+    assert not cache.crop_is_exact(2)
     cache.crop(0)
     assert cache.seq_len(2) == 0 and cache.nbytes > 0 and cache.dense_nbytes == 0
     assert cache.compression_ratio == 1.0
     assert [s["compression"] for s in cache.stats()] == [1.0] * L
+    assert not cache.crop_is_exact(2)     # (the emptied store keeps its extremes)
+    assert cache.crop_is_exact(0) and MiniCache(L, [PairSpec(2)]).crop_is_exact(2)
 
 
 def test_settings_are_checked_where_they_are_given():
