@@ -440,7 +440,7 @@ def track_padding(model):
     """Hand every forward's 2-D attention mask to the MiniCacheHF it uses (passed as
     `past_key_values=` or `cache=`), before the forward runs: merges then leave padding out
     of the retention (with W = 1, a left-padded row then holds, at its tokens, what it holds
-    unpadded; see `MiniCache.set_attention_mask`). Installed once
+    unpadded, in slerp pairs; see `MiniCache.set_attention_mask`). Installed once
     per model (a forward pre-hook; calling it again changes nothing); other caches are left
     alone. Returns the model.
 
