@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minitriton.cli import _shape  # noqa: E402  (B,H,S,D, as `synthetic --shape`)
 from perf.timing import REPO_ROOT, positive_int, writable_dir  # noqa: E402
 
 SETTINGS = (   # name, environment
@@ -70,18 +71,6 @@ def _check_alive(neighbour) -> None:
     if neighbour is not None and neighbour.poll() is not None:
         raise RuntimeError(f"the busy neighbour exited ({neighbour.returncode}): the busy "
                            f"figures would be idle ones")
-
-
-def _shape(text: str):
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected B,H,S,D, got {text!r}") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected B,H,S,D (each >= 1), got {text!r}")
-    if not 16 <= shape[3] <= 256:
-        raise argparse.ArgumentTypeError(f"head dim D={shape[3]} is outside [16, 256]")
-    return shape
 
 
 def main(argv=None) -> int:

@@ -608,22 +608,34 @@ def _padded_states(L, S, pad, seed=0):
     return ks, vs
 
 
+def _padded_and_alone(L, ks, vs, pad, prompt, steps, sink=0, then=None):
+    """Two caches of `PairSpec(1, gamma=0.3, sink=sink)`, W = 1, fed a prompt and `steps`
+    decode steps: "padded", the batch with row 1's first `pad` positions marked as padding,
+    and "alone", row 1 without them. `then(cache, K, V, start)`, if given, runs on each after
+    the feed (K, V: the states it was fed; start: the first position of ks it holds)."""
+    mask = torch.ones(B, prompt, dtype=torch.int64)
+    mask[1, :pad] = 0
+    caches = {}
+    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
+        cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
+        if name == "padded":
+            cache.set_attention_mask(mask)
+        K, V = [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs]
+        _feed(cache, K, V, [prompt - start] + [1] * steps)
+        if then is not None:
+            then(cache, K, V, start)
+        caches[name] = cache
+    return caches["padded"], caches["alone"]
+
+
 def test_padded_row_keeps_what_it_keeps_unpadded():
     """With W = 1 and no sink, a left-padded row's store holds, at its tokens, exactly what the
     same row alone (unpadded) holds: the padding changes no retention decision."""
     L, pad, prompt, steps = 4, 5, 9, 6
     ks, vs = _padded_states(L, prompt + steps, pad, seed=3)
-    mask = torch.ones(B, prompt, dtype=torch.int64)
-    mask[1, :pad] = 0
-    caches = {}
-    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
-        cache = MiniCache(L, [PairSpec(1, gamma=0.3)], window=1)
-        if name == "padded":
-            cache.set_attention_mask(mask)
-        _feed(cache, [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs],
-              [prompt - start] + [1] * steps)
-        caches[name] = cache.merged_pairs(1)
-    for padded, alone in zip(caches["padded"], caches["alone"]):
+    padded_cache, alone_cache = _padded_and_alone(L, ks, vs, pad, prompt, steps)
+    alone_pairs = alone_cache.merged_pairs(1)
+    for padded, alone in zip(padded_cache.merged_pairs(1), alone_pairs):
         assert not padded.retained[1, :, :pad].any()
         for f in ("e", "mag_prev", "mag_cur", "retained"):
             assert torch.equal(getattr(padded, f)[1:, :, pad:], getattr(alone, f)), f
@@ -632,7 +644,7 @@ def test_padded_row_keeps_what_it_keeps_unpadded():
     # Without the mask the padding sets row 1's extremes.
     cache = MiniCache(L, [PairSpec(1, gamma=0.3)], window=1)
     _feed(cache, ks, vs, [prompt] + [1] * steps)
-    assert not torch.equal(cache.merged_pairs(1)[0].d_max[1:], caches["alone"][0].d_max)
+    assert not torch.equal(cache.merged_pairs(1)[0].d_max[1:], alone_pairs[0].d_max)
 
 
 @pytest.mark.parametrize("sink,pad", [(3, 5), (3, 2), (6, 5), (4, 4)])
@@ -643,17 +655,7 @@ def test_padded_row_with_a_sink_holds_what_it_holds_unpadded(sink, pad):
     and the same extremes."""
     L, prompt, steps = 4, 9, 6
     ks, vs = _padded_states(L, prompt + steps, pad, seed=13)
-    mask = torch.ones(B, prompt, dtype=torch.int64)
-    mask[1, :pad] = 0
-    caches = {}
-    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
-        cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
-        if name == "padded":
-            cache.set_attention_mask(mask)
-        _feed(cache, [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs],
-              [prompt - start] + [1] * steps)
-        caches[name] = cache
-    padded, alone = caches["padded"], caches["alone"]
+    padded, alone = _padded_and_alone(L, ks, vs, pad, prompt, steps, sink=sink)
     for layer in (1, 2):
         for got, want in zip(padded.get(layer), alone.get(layer)):
             assert torch.equal(got[1:, :, pad:], want), layer
@@ -681,15 +683,8 @@ def test_padded_row_with_a_sink_through_a_crop(cut):
     (cropped to the same tokens), however many of its kept tokens the crop leaves."""
     L, pad, prompt, steps, sink, more = 4, 2, 9, 6, 3, 6
     ks, vs = _padded_states(L, prompt + steps + more, pad, seed=17)
-    mask = torch.ones(B, prompt, dtype=torch.int64)
-    mask[1, :pad] = 0
-    caches = {}
-    for name, rows, start in (("padded", slice(None), 0), ("alone", slice(1, 2), pad)):
-        cache = MiniCache(L, [PairSpec(1, gamma=0.3, sink=sink)], window=1)
-        if name == "padded":
-            cache.set_attention_mask(mask)
-        K, V = [k[rows, :, start:] for k in ks], [v[rows, :, start:] for v in vs]
-        _feed(cache, K, V, [prompt - start] + [1] * steps)
+
+    def crop_and_go_on(cache, K, V, start):
         before = cache.merged_pairs(1)[0].d_max.clone()
         cache.crop(cut - start)
         m = cache.merged_pairs(1)[0]
@@ -697,11 +692,13 @@ def test_padded_row_with_a_sink_through_a_crop(cut):
         for pos in range(cut - start, cut - start + more):
             for layer in range(L):
                 cache.update(layer, K[layer][:, :, pos:pos + 1], V[layer][:, :, pos:pos + 1])
-        caches[name] = cache
+
+    padded, alone = _padded_and_alone(L, ks, vs, pad, prompt, steps, sink=sink,
+                                      then=crop_and_go_on)
     for layer in (1, 2):
-        for got, want in zip(caches["padded"].get(layer), caches["alone"].get(layer)):
+        for got, want in zip(padded.get(layer), alone.get(layer)):
             assert torch.equal(got[1:, :, pad:], want), layer
-    for p, a in zip(caches["padded"].merged_pairs(1), caches["alone"].merged_pairs(1)):
+    for p, a in zip(padded.merged_pairs(1), alone.merged_pairs(1)):
         assert torch.equal(p.d_min[1:], a.d_min) and torch.equal(p.d_max[1:], a.d_max)
 
 

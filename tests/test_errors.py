@@ -173,46 +173,42 @@ def test_d_range(backend, pair):
         assert torch.equal(getattr(with_nan, name), getattr(alone, name)), name
 
 
-def test_keep(backend, pair):
-    """keep is checked as mask is, with its own name and meaning."""
+@pytest.mark.parametrize("name,meaning", [
+    ("mask", "1 for a token and 0 for padding"),
+    ("keep", "1 for a token kept as it is and 0 otherwise")])
+def test_token_mask_arguments(backend, pair, name, meaning):
+    """mask and keep are checked alike, each with its own name and meaning."""
     xp, xc = pair   # [1, 2, 5, 32]
     dev = xp.device
-    _raises(TypeError, "keep: expected a .B, S. bool or integer tensor, got list",
-            minitriton.merge, xp, xc, keep=[[1, 1, 1, 1, 1]])
-    _raises(ValueError, r"keep: expected shape \(1, 5\) \(\[B, S\] of x_prev\), got \(5,\)",
-            minitriton.merge, xp, xc, keep=torch.ones(5, device=dev, dtype=torch.bool))
-    _raises(TypeError, r"keep: dtype torch.float16 is not supported \(expected bool or an "
-            r"integer dtype, 1 for a token kept as it is and 0 otherwise\)", minitriton.merge,
-            xp, xc, keep=torch.ones(1, 5, device=dev, dtype=torch.float16))
-    _raises(ValueError, "keep: device meta does not match", minitriton.merge, xp, xc,
-            keep=torch.ones(1, 5, device="meta", dtype=torch.bool))
+    _raises(TypeError, f"{name}: expected a .B, S. bool or integer tensor, got list",
+            minitriton.merge, xp, xc, **{name: [[1, 1, 1, 1, 1]]})
+    for shape, got in (((1, 2, 5), r"\(1, 2, 5\)"), ((5, 1), r"\(5, 1\)"), ((5,), r"\(5,\)")):
+        _raises(ValueError, rf"{name}: expected shape \(1, 5\) \(\[B, S\] of x_prev\), got {got}",
+                minitriton.merge, xp, xc, **{name: torch.ones(shape, device=dev,
+                                                               dtype=torch.bool)})
+    for dtype in (torch.float32, torch.float16):
+        _raises(TypeError, rf"{name}: dtype {dtype} is not supported \(expected bool or an "
+                rf"integer dtype, {meaning}\)", minitriton.merge, xp, xc,
+                **{name: torch.ones(1, 5, device=dev, dtype=dtype)})
+    _raises(ValueError, f"{name}: device meta does not match", minitriton.merge, xp, xc,
+            **{name: torch.ones(1, 5, device="meta", dtype=torch.bool)})
+    _raises(TypeError, f"{name}: expected a dense", minitriton.merge, xp, xc,
+            **{name: torch.ones(1, 5, dtype=torch.int64, device=dev).to_sparse()})
     if dev.type == "cpu":
-        _raises(ValueError, r"keep: expected 1 for a token kept as it is and 0 otherwise, got 3 "
-                r"at \(0, 1\)", minitriton.merge, xp, xc, keep=torch.tensor([[0, 3, 0, 0, 0]]))
-    m = minitriton.merge(xp, xc, 0.6, 0.0, keep=torch.tensor([[0, 1, 0, 0, 1]], device=dev))
+        for bad in (2, -1, 3):
+            _raises(ValueError, f"{name}: expected {meaning}, got {bad} at " r"\(0, 3\)",
+                    minitriton.merge, xp, xc, **{name: torch.tensor([[1, 1, 1, bad, 0]])})
+
+
+def test_keep(backend, pair):
+    xp, xc = pair   # [1, 2, 5, 32]
+    m = minitriton.merge(xp, xc, 0.6, 0.0, keep=torch.tensor([[0, 1, 0, 0, 1]], device=xp.device))
     assert m.retained[0, :, 1].all() and m.retained[0, :, 4].all() and m.num_retained == 4
 
 
 def test_mask(backend, pair):
     xp, xc = pair   # [1, 2, 5, 32]
     dev = xp.device
-    _raises(TypeError, "mask: expected a .B, S. bool or integer tensor, got list",
-            minitriton.merge, xp, xc, mask=[[1, 1, 1, 1, 1]])
-    _raises(ValueError, r"mask: expected shape \(1, 5\) \(\[B, S\] of x_prev\), got \(1, 2, 5\)",
-            minitriton.merge, xp, xc, mask=torch.ones(1, 2, 5, device=dev, dtype=torch.bool))
-    _raises(ValueError, r"mask: expected shape \(1, 5\)", minitriton.merge, xp, xc,
-            mask=torch.ones(5, 1, device=dev, dtype=torch.bool))
-    _raises(TypeError, r"mask: dtype torch.float32 is not supported", minitriton.merge, xp, xc,
-            mask=torch.ones(1, 5, device=dev))
-    _raises(ValueError, "mask: device meta does not match", minitriton.merge, xp, xc,
-            mask=torch.ones(1, 5, device="meta", dtype=torch.bool))
-    _raises(TypeError, "mask: expected a dense", minitriton.merge, xp, xc,
-            mask=torch.ones(1, 5, dtype=torch.int64, device=dev).to_sparse())
-    if dev.type == "cpu":
-        for bad in (2, -1):
-            _raises(ValueError, f"mask: expected 1 for a token and 0 for padding, got {bad} at "
-                    r"\(0, 3\)", minitriton.merge, xp, xc,
-                    mask=torch.tensor([[1, 1, 1, bad, 0]]))
     # Any integer dtype (unsigned ones included) and strides; the caller's mask is not written.
     for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16):
         m = minitriton.merge(xp, xc, 0.6, 0.5, mask=torch.tensor([[0, 1, 1, 1, 1]], dtype=dtype,

@@ -126,7 +126,7 @@ def test_contention_bench_end_to_end(tmp_path, capsys):
     assert "expected B,H,S,D" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_cpu_contention.main(["--shape", "1,2,8,8"])
-    assert "head dim D=8 is outside [16, 256]" in capsys.readouterr().err
+    assert "head dim D=8 is outside the supported [16, 256]" in capsys.readouterr().err
 
 
 def test_contention_bench_refuses_a_dead_neighbour(tmp_path, monkeypatch):
