@@ -30,12 +30,14 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         x_prev, x_cur: `[B, H, S, D]` states of layer l-1 and layer l; float16, bfloat16 or
             float32 (the same), on one device, any strides (never copied to contiguous).
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
-            squared norm would overflow is scaled first. Below |x| = 1.1e-19 the kernel's
-            magnitudes lose precision, and under ~1e-22 a vector counts as zero (its squares
-            underflow). A token pair with a NaN or inf component, or with a vector longer than
+            squared norm would overflow is scaled first, as is one whose squares would
+            underflow; a vector shorter than float32's smallest normal number (1.2e-38) counts
+            as zero. A token pair with a NaN or inf component, or with a vector longer than
             3.4e38 (no float32 magnitude), in either layer, has no angle: it is always retained
             (its originals come back bit for bit), its e and magnitudes are 0, and its row is
-            merged as if it were not there (d_min / d_max are over the other tokens).
+            merged as if it were not there (d_min / d_max are over the other tokens). A
+            float16 / bfloat16 pair with a magnitude beyond the dtype's largest number is
+            retained too (merged, it would restore beyond the dtype's range).
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant
             (pairs without an angle, above, are retained whatever gamma is).
@@ -116,9 +118,9 @@ def restore(m: MergedPair, layer: str | None = None):
         (bit-exact).
 
     mag * e is computed in float32 and rounded once to the dtype. In float16/bfloat16, a value
-    beyond the dtype's range (a vector longer than its largest number, restored onto a
-    direction close to one axis) saturates at the largest number with its sign instead of
-    becoming inf.
+    beyond the dtype's range (only from a pair built by hand: `merge` retains the pairs with a
+    magnitude beyond it) saturates at the largest number with its sign instead of becoming
+    inf.
 
     The Triton kernel is autotuned per head dim and dtype: its first call for each benchmarks
     a few tile configs (host synchronisations), so call it once before capturing it in a CUDA

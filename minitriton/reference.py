@@ -17,6 +17,9 @@ LERP_EPS = 1e-6
 # Magnitudes are stored in float32: a vector whose norm rounds beyond its largest number (to
 # inf) has no magnitude.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# ... and a vector shorter than its smallest normal number (1.2e-38) counts as a zero vector
+# (1 / |x| would overflow float32 there).
+MIN_NORMAL = float(np.finfo(np.float32).tiny)
 
 
 def _as64(x) -> np.ndarray:
@@ -26,8 +29,10 @@ def _as64(x) -> np.ndarray:
 
 
 def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Magnitude |x| and direction x / |x| (the zero vector has direction 0)."""
+    """Magnitude |x| and direction x / |x| (the zero vector, and any vector shorter than
+    MIN_NORMAL, has magnitude and direction 0)."""
     n = np.linalg.norm(x, axis=-1)
+    n = np.where(n < MIN_NORMAL, 0.0, n)
     u = np.divide(x, n[..., None], out=np.zeros_like(x), where=n[..., None] > 0)
     return n, u
 
@@ -76,7 +81,7 @@ def retention_threshold(d_min, d_max, gamma: float):
 
 
 def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str = "norm",
-              d_range=None, mask=None, keep=None) -> dict:
+              d_range=None, mask=None, keep=None, dtype_max=None) -> dict:
     """MiniCache merge of one layer pair, in float64.
 
     Returns a dict of numpy arrays:
@@ -88,6 +93,9 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     token but is left out of the row's extremes and never retained (unless it has no angle).
     keep: optional `[B, S]`, nonzero for a token pair kept as it is: always retained, and left
     out of the row's extremes.
+    dtype_max: the largest number of the cache's dtype when it is float16 or bfloat16: a pair
+    whose magnitude (either layer) is beyond it is kept as it is (its restore would leave the
+    dtype's range), and still counts in its row's extremes.
     """
     x_p, x_c = _as64(x_prev), _as64(x_cur)
     with np.errstate(invalid="ignore", over="ignore"):   # (non-finite tokens: set below)
@@ -123,8 +131,10 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
         d_max = np.fmax(d_max, _as64(d_range[1]))
     thr = retention_threshold(d_min, d_max, gamma)
     # The most distinct pairs (Eq. 5) among the tokens, the pairs without an angle (d = NaN),
-    # and the pairs kept as they are.
+    # the pairs kept as they are, and those whose restore would leave the dtype's range.
     retained = (is_token & (d > thr[..., None])) | ~has_angle | kept
+    if dtype_max is not None:
+        retained |= np.maximum(np.abs(mag_p), np.abs(mag_c)) > dtype_max
     return dict(e=e, mag_prev=mag_p, mag_cur=mag_c, d=d, d_min=d_min, d_max=d_max,
                 threshold=thr, retained=retained, x_prev=x_p, x_cur=x_c)
 

@@ -11,6 +11,11 @@ Padding (a `mask` of 0 for a token position, as in transformers' attention mask)
 any token but left out of d_min / d_max and never retained, bar a pair without an angle: a
 padded row keeps exactly the tokens that the same row unpadded keeps.
 
+A float16 or bfloat16 pair whose magnitude (in either layer) is beyond the dtype's largest
+number would restore to components outside its range: it is retained too, so that `restore`
+and `decode_attention` give it back as it was rather than saturated. (Below that bound no
+restored component can pass it: |e_i| <= 1.)
+
 Kept tokens (a `keep` of 1: e.g. a padded row's first tokens, which the same row unpadded holds
 in a dense sink) are always retained and left out of d_min / d_max, as tokens outside the
 merge would be.
@@ -42,7 +47,8 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
     backend's: it reads only the retained tokens). With a `mask` (bool `[B, S]`, False for
     padding) or a `keep` (bool `[B, S]`, True for a token kept as it is) the extremes are taken
     again from d over the other tokens (the backends' cover every position): a pass over d,
-    4 bytes a token.
+    4 bytes a token. Half-precision pairs with a magnitude beyond the dtype's range are
+    retained (module docstring).
 
     The store is compact, so its size N is read on the host (one synchronisation)."""
     if (mask is not None or keep is not None) and d.shape[-1]:
@@ -62,6 +68,8 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
         retained &= mask.unsqueeze(1) | (d != d)
     if keep is not None:
         retained |= keep.unsqueeze(1)
+    if x_prev.dtype != torch.float32:   # (a pass over the magnitudes, 8 bytes a token)
+        retained |= torch.maximum(mag_p.abs(), mag_c.abs()) > torch.finfo(x_prev.dtype).max
     slot = _slots_from_mask(retained)
     kept_prev, kept_cur = gather(x_prev, x_cur, retained)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,

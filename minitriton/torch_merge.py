@@ -21,7 +21,7 @@ import torch
 
 from ._upcast import chunked, upcast_chunks
 from .pair import MergedPair, _layer_parts
-from .reference import FLOAT32_MAX, LERP_EPS, SIN_EPS
+from .reference import FLOAT32_MAX, LERP_EPS, MIN_NORMAL, SIN_EPS
 from .retention import finish_merge
 
 # arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
@@ -59,16 +59,19 @@ def _refine_angles(omega, cos, x_prev, x_cur, inv_p, inv_c) -> None:
         cos[idx] = torch.cos(omega[idx])
 
 
-# Below this norm (but above 0) the squares and products of a token's components may underflow
-# float32 (components under ~1e-19): its norm and cosine are recomputed from scaled vectors.
+# Below this norm the squares and products of a token's components may underflow float32
+# (components under ~1e-19), or all of them may have (its norm is then 0): its norm and cosine
+# are recomputed from scaled vectors.
 _TINY = 2.0 ** -50
 
 
 def _rescue(n_p, n_c, dot, x_prev, x_cur):
-    """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19), or with a norm in
-    (0, _TINY), whose squares and products may have underflowed: their norms again, in place,
-    from the vectors scaled by their largest component, and their cosine, as (index, cos); None
-    when there are none (always, for KV states). Only they are read again."""
+    """Tokens whose norms or dot overflowed float32 (|x| above ~1.8e19), or with a norm below
+    _TINY (zero vectors included), whose squares and products may have underflowed: their
+    norms again, in place, from the vectors scaled by their largest component, and their
+    cosine, as (index, cos); None when there are none (always, for KV states). Only they are
+    read again. A vector shorter than float32's smallest normal number (MIN_NORMAL) counts as
+    a zero vector, as in the kernel and the reference."""
     # One sum and one minimum first: the sum is finite when every term is (bar an overflow of
     # the sum itself, which only costs the full test below).
     total, low = torch.stack((n_p.sum() + n_c.sum() + dot.sum(),
@@ -80,7 +83,7 @@ def _rescue(n_p, n_c, dot, x_prev, x_cur):
     rescue = ~torch.isfinite(n_p + n_c + dot)
     if tiny:
         for n in (n_p, n_c):
-            rescue |= (n > 0) & (n < _TINY)
+            rescue |= n < _TINY
     big = torch.nonzero(rescue, as_tuple=True)
     if not big[0].numel():
         return None
@@ -89,9 +92,9 @@ def _rescue(n_p, n_c, dot, x_prev, x_cur):
         rows = x[big].float()
         top = rows.abs().amax(-1, keepdim=True)
         rows = rows / torch.where(top > 0, top, 1.0)
-        # A vector whose squares all underflowed (norm 0) stays a zero vector, as in the
-        # kernel: its partner may be the one rescued.
-        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True) * torch.sign(n[big])[:, None]
+        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        length = top * norm
+        norm = torch.where(length < MIN_NORMAL, 0.0, norm)      # (NaN stays NaN)
         # (NaN for a vector longer than float32's largest number: it has no magnitude to
         # store, and so, as one with a NaN or inf component, no angle)
         n[big] = (top * norm)[:, 0].nan_to_num(nan=math.nan, posinf=math.nan)

@@ -76,10 +76,11 @@ def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, d_tol, assert_
     """Compare a MergedPair with merge_ref on every stored quantity and the restore."""
     import minitriton
 
+    dtype = xp.dtype
     r = merge_ref(xp, xc, t, gamma, magnitude, d_range=d_range,
                   mask=None if mask is None else mask.cpu(),
-                  keep=None if keep is None else keep.cpu())
-    dtype = xp.dtype
+                  keep=None if keep is None else keep.cpu(),
+                  dtype_max=None if dtype == torch.float32 else torch.finfo(dtype).max)
     retained = m.retained.cpu().numpy()
     if keep is not None:      # (never borderline)
         assert retained[np.broadcast_to(keep.cpu().numpy()[:, None, :] != 0,

@@ -244,6 +244,34 @@ def test_backend_variable(monkeypatch, pair):
     _raises(ValueError, "MINITRITON_BACKEND: expected one of", minitriton.merge, *pair)
 
 
+@pytest.mark.parametrize("variable", [None, "auto", " Auto ", "", "torch", "triton"])
+def test_dispatch(monkeypatch, variable):
+    """Which implementation runs: CUDA tensors the Triton kernels and CPU tensors the torch path
+    by default (unset, empty or "auto"); "torch" the torch path everywhere; "triton" the
+    kernels everywhere (on a CPU through the interpreter, which the test suite turns on)."""
+    from minitriton.backend import select_backend
+    if variable is None:
+        monkeypatch.delenv("MINITRITON_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("MINITRITON_BACKEND", variable)
+    auto = variable is None or variable.strip().lower() in ("", "auto")
+    cuda = "triton" if auto or variable == "triton" else "torch"
+    cpu = "torch" if auto or variable == "torch" else "triton"
+    assert select_backend(torch.device("cuda", 0)) == cuda
+    assert select_backend(torch.device("cpu")) == cpu
+    # What the public ops run on CPU tensors (the other implementation is made to fail).
+    import minitriton.kernels.merge as kernels
+    import minitriton.torch_merge as torch_path
+    other = "merge_triton" if cpu == "torch" else "merge_torch"
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{other} ran with MINITRITON_BACKEND={variable!r}")
+    monkeypatch.setattr(kernels if other == "merge_triton" else torch_path, other, fail)
+    x = torch.randn(1, 2, 5, 16)
+    m = minitriton.merge(x, x.flip(-1))
+    assert m.shape == (1, 2, 5, 16)
+
+
 def test_triton_on_cpu_without_interpreter(monkeypatch, pair):
     if pair[0].device.type != "cpu":
         pytest.skip("the interpreter requirement applies to CPU tensors")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..pair import MergedPair
-from ..reference import FLOAT32_MAX, LERP_EPS, SIN_EPS
+from ..reference import FLOAT32_MAX, LERP_EPS, MIN_NORMAL, SIN_EPS
 from ..retention import finish_merge
 from .common import (PI, atan2_nonneg, batch_chunks, block_d, saturate, tile_pruner,
                      token_tile_autotune, token_tile_configs)
@@ -34,22 +34,31 @@ _LERP_EPS = tl.constexpr(LERP_EPS)
 _FLOAT32_MAX = tl.constexpr(FLOAT32_MAX)
 
 
-# Rows with a component above this are scaled before squaring: 256 components of 2^56 square
-# and sum to 2^120, far from float32's 2^128.
+# Rows with a component above _BIG are scaled before squaring: 256 components of 2^56 square
+# and sum to 2^120, far from float32's 2^128. Rows whose components are all below _SMALL are
+# scaled up by _UP (exact, a power of two), into [2^-53, 2^56): their squares would be
+# subnormal (|x| < 2^-63), lose bits, or be flushed to 0 by a GPU; the largest square stays
+# 2^-80 above where the others may flush.
 _BIG = tl.constexpr(2.0 ** 56)
 _UNSCALED = tl.constexpr(2.0 ** -55)   # 1 / their largest component after the scaling
+_SMALL = tl.constexpr(2.0 ** -40)
+_UP = tl.constexpr(2.0 ** 96)
+# A norm below float32's smallest normal number counts as 0 (a zero vector): 1 / |x| would
+# overflow there.
+_MIN_NORMAL = tl.constexpr(MIN_NORMAL)
 
 
 @triton.jit
 def _row_scale(b_x):
-    """r, `[BLOCK_S]`: 2^55 / (largest |component|) for rows with one above 2^56, else 1; 0
-    for a row with an inf, so that its sum of squares, and its norm, is NaN (a NaN component
-    does that by itself). r stays a normal float (>= 2^-73), where 1 / max would be subnormal
-    above 2^126, with fewer significant bits (or 0 wherever subnormals are flushed). (Computed
-    as 1 / (max 2^-55): the product is exact, and ptxas allocates this form without spills on
-    every triton checked.)"""
+    """r, `[BLOCK_S]`: 2^55 / (largest |component|) for rows with one above 2^56; 2^96 for rows
+    whose components are all below 2^-40 (zero rows too); else 1; 0 for a row with an inf, so
+    that its sum of squares, and its norm, is NaN (a NaN component does that by itself). r
+    stays a normal float (>= 2^-73), where 1 / max would be subnormal above 2^126, with fewer
+    significant bits (or 0 wherever subnormals are flushed). (Computed as 1 / (max 2^-55): the
+    product is exact, and ptxas allocates this form without spills on every triton checked.)"""
     big = tl.max(tl.abs(b_x), axis=1)
-    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0), 1.0)
+    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0),
+                    tl.where(big < _SMALL, _UP, 1.0))
 
 
 # At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven float32
@@ -87,15 +96,17 @@ def _merge_kernel(
     # Magnitudes and directions (a zero vector has direction 0). sqrt_rn: tl.sqrt is the GPU's
     # approximate square root, which flushes a subnormal sum of squares (|x| < 1.1e-19) to 0.
     # A row with a component above 2^56 is scaled down before squaring (its sum of squares
-    # could overflow float32); every other row is multiplied by 1, exactly.
+    # could overflow float32), one with all below 2^-40 up by 2^96 (its squares could
+    # underflow); every other row is multiplied by 1, exactly.
     r_p = _row_scale(b_xp)                                                   # [BLOCK_S]
     r_c = _row_scale(b_xc)
     n_p = tl.sqrt_rn(tl.sum((b_xp * r_p[:, None]) * (b_xp * r_p[:, None]), axis=1)) / r_p
     n_c = tl.sqrt_rn(tl.sum((b_xc * r_c[:, None]) * (b_xc * r_c[:, None]), axis=1)) / r_c
     # A vector longer than float32's largest number (its norm overflowed to inf) has no
     # magnitude to store: NaN, as for a NaN or inf component, so that the pair has no angle.
-    n_p = tl.where(n_p > _FLOAT32_MAX, n_p * 0.0, n_p)
-    n_c = tl.where(n_c > _FLOAT32_MAX, n_c * 0.0, n_c)
+    # One shorter than its smallest normal number is a zero vector. (NaN stays NaN.)
+    n_p = tl.where(n_p > _FLOAT32_MAX, n_p * 0.0, tl.where(n_p < _MIN_NORMAL, 0.0, n_p))
+    n_c = tl.where(n_c > _FLOAT32_MAX, n_c * 0.0, tl.where(n_c < _MIN_NORMAL, 0.0, n_c))
     # A zero vector: its norm is the smaller one. (Not where the other norm is NaN: see d.)
     zero = tl.minimum(n_p, n_c, propagate_nan=tl.PropagateNan.ALL) == 0
     # (1 / NaN = NaN: NaN propagates to the directions, and from them to the angle and d.
