@@ -190,6 +190,13 @@ class MiniCacheHF(Cache):
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
 
+    def __getstate__(self):
+        """Pickling (`torch.save`, `copy.deepcopy`) leaves out the attention-mask memo: a weak
+        reference, and only a shortcut."""
+        state = self.__dict__.copy()
+        state["_mask_memo"] = None
+        return state
+
     @property
     def plan(self):
         return self.core.plan
@@ -215,15 +222,17 @@ class MiniCacheHF(Cache):
         calls it before every forward of the model."""
         self.core.set_attention_mask(mask)
 
-    def _fused(self, layer_idx: int, key_states: torch.Tensor) -> bool:
+    def _fused(self, layer_idx: int, key_states: torch.Tensor, value_states) -> bool:
         if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
+            return False
+        if value_states.shape[3] != key_states.shape[3]:   # (decode_attention takes one D)
             return False
         if getattr(self._config, "_attn_implementation", None) != ATTENTION_NAME:
             return False
         return self.core.decode_parts(layer_idx) is not None
 
     def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        if self._fused(layer_idx, key_states):
+        if self._fused(layer_idx, key_states, value_states):
             # The attention function finds the compressed pair through these empty markers.
             self.core.append(layer_idx, key_states, value_states)
             B, H, _, D = key_states.shape
@@ -310,9 +319,23 @@ def forward_params(model) -> tuple:
     return _FORWARD_PARAMS[key]
 
 
+def _check_fits(model, cache) -> None:
+    """A MiniCacheHF with more layers than the model's config has is refused (its extra layers
+    would never fill, and a pair past the last layer never merges). (Fewer are refused at the
+    first update past them; a model whose last layers share earlier layers' states may use a
+    cache of fewer layers.)"""
+    layers = getattr(_text_config(getattr(model, "config", None)), "num_hidden_layers", None)
+    if isinstance(layers, int) and cache.core.num_layers > layers:
+        raise ValueError(f"cache: built for {cache.core.num_layers} layers, but the model has "
+                         f"{layers} (num_hidden_layers); build it from this model's config")
+
+
 def cache_kwargs(model, cache) -> dict:
     """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.x), else
-    `{"past_key_values": cache}`."""
+    `{"past_key_values": cache}`. A MiniCacheHF built for more layers than the model has is
+    refused (ValueError)."""
+    if isinstance(cache, MiniCacheHF):
+        _check_fits(model, cache)
     return {"cache": cache} if "cache" in forward_params(model) else {"past_key_values": cache}
 
 
@@ -379,6 +402,10 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     if softcap is not None:
         raise ValueError(f"softcap: the {ATTENTION_NAME!r} attention has no logit soft-capping "
                          f"(got {softcap!r}); use the model's own attention with MiniCacheHF")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"s_aux: the {ATTENTION_NAME!r} attention has no attention sinks (a "
+                         f"learned logit per head, e.g. GPT-OSS); use the model's own "
+                         f"attention with MiniCacheHF")
     mark = getattr(key, _MARK, None)
     if mark is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -428,6 +455,7 @@ def _hand_over_mask(module, args, kwargs):
     if cache is None:
         cache = named.get("cache")
     if isinstance(cache, MiniCacheHF):
+        _check_fits(module, cache)
         mask = named.get("attention_mask")
         cache.set_attention_mask(mask != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2
                                  else None)
@@ -460,15 +488,32 @@ def use_minitriton_attention(model):
     """Switch `model` to the "minitriton" attention (sdpa + fused decode over merged layers),
     and `track_padding(model)`.
 
-    A model with logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2) is refused:
-    neither sdpa nor `decode_attention` computes it (MiniCacheHF itself works with the
-    model's own attention)."""
-    softcap = getattr(_text_config(getattr(model, "config", None)), "attn_logit_softcapping",
-                      None)
+    Refused (ValueError), since neither sdpa nor `decode_attention` computes what their
+    attention does (MiniCacheHF itself works with the model's own attention):
+    - logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2);
+    - attention sinks (a `sinks` parameter in an attention module, passed to the attention
+      function as `s_aux`, e.g. GPT-OSS);
+    - multi-head latent attention (`kv_lora_rank`, e.g. DeepSeek-V2/V3): the cache holds
+      latents that the model expands into keys and values after the cache update, so there
+      is no merged key for a fused decode to read."""
+    text = _text_config(getattr(model, "config", None))
+    softcap = getattr(text, "attn_logit_softcapping", None)
     if softcap is not None:
         raise ValueError(f"model: its attention soft-caps logits (attn_logit_softcapping="
                          f"{softcap!r}), which the {ATTENTION_NAME!r} attention does not; use "
                          f"MiniCacheHF with the model's own attention")
+    sinks = next((name for name, mod in model.named_modules()
+                  if isinstance(getattr(mod, "sinks", None), torch.Tensor)), None)
+    if sinks is not None:
+        raise ValueError(f"model: its attention has attention sinks ({sinks}.sinks), which the "
+                         f"{ATTENTION_NAME!r} attention does not; use MiniCacheHF with the "
+                         f"model's own attention")
+    rank = getattr(text, "kv_lora_rank", None)
+    if rank is not None:
+        raise ValueError(f"model: its attention is multi-head latent attention (kv_lora_rank="
+                         f"{rank!r}): the cache holds latents that the model expands after "
+                         f"the cache update, which a fused decode cannot read; use MiniCacheHF "
+                         f"with the model's own attention")
     register_attention()
     try:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -246,6 +246,125 @@ def test_soft_capped_models_are_refused():
     assert cache.get_seq_length() == 6
 
 
+def test_models_with_attention_sinks_are_refused():
+    """Attention sinks (GPT-OSS: a learned logit per head, passed as `s_aux`) are computed by
+    neither sdpa nor decode_attention: use_minitriton_attention refuses such a model, and so
+    does the attention function if it is set by hand; the cache works with its own
+    attention."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from minitriton.hf import minitriton_attention
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                          layer_types=["full_attention"] * 2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    gpt = GptOssForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"attention sinks \(model.layers.0.self_attn.sinks\)"):
+        use_minitriton_attention(gpt)
+    assert gpt.config._attn_implementation == "eager"
+    q = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="s_aux: the 'minitriton' attention"):
+        minitriton_attention(gpt.model.layers[0].self_attn, q, q, q, None,
+                             s_aux=torch.zeros(2))
+    ids = _ids(6) % 64
+    with torch.no_grad():
+        want = gpt(input_ids=ids, **cache_kwargs(gpt, DynamicCache())).logits
+        got = gpt(input_ids=ids, **cache_kwargs(gpt, MiniCacheHF(config, []))).logits
+    assert torch.equal(got, want)
+
+
+def test_latent_attention_models_are_refused():
+    """Multi-head latent attention (DeepSeek-V3) caches latents that the model expands after
+    the cache update: use_minitriton_attention refuses it (no merged keys for a fused decode);
+    the cache works with the model's own attention."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=64, hidden_size=64, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=32,
+                              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                              first_k_dense_replace=2, pad_token_id=0)
+    deepseek = DeepseekV3ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="multi-head latent attention \\(kv_lora_rank=32\\)"):
+        use_minitriton_attention(deepseek)
+    ids = _ids(7) % 64
+    with torch.no_grad():
+        out = deepseek.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                **cache_kwargs(deepseek, MiniCacheHF(config, [(0, 1)],
+                                                                     window=1)))
+    assert out.shape == (1, 10)
+
+
+def test_fused_decode_needs_one_head_dim():
+    """decode_attention takes keys and values of one head dim: a one-token step whose values
+    have another one is stored and attended through restore (states returned), not fused."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                          _attn_implementation=ATTENTION_NAME)
+    for dv, fused in ((16, True), (24, False)):
+        cache = MiniCacheHF(cfg, [(0, 1)], window=1)
+        g = torch.Generator().manual_seed(0)
+        for n in (5, 1):
+            for layer in (0, 1):
+                k, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, dv, generator=g)
+                k_out, v_out = cache.update(k, v, layer)
+        assert (k_out.shape[2] == 0) == fused and v_out.shape[3] == dv, (dv, k_out.shape)
+        if not fused:
+            assert k_out.shape[2] == 6
+
+
+def test_cache_pickles_after_fused_steps(model):
+    """The cache keeps a memo of the last attention mask (a weak reference): torch.save and
+    pickle leave it out, after fused steps over a padded batch too."""
+    import io
+
+    ids = torch.cat([_ids(10, seed=1), _ids(10, seed=2)])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = MiniCacheHF(model.config, window=1)
+    cfg = model.config._attn_implementation
+    try:
+        use_minitriton_attention(model)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                           do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+    finally:
+        model.set_attn_implementation(cfg)
+    assert cache.fused_steps and cache._mask_memo is not None
+    buf = io.BytesIO()
+    torch.save(cache, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back._mask_memo is None and cache._mask_memo is not None
+    for layer in range(L):
+        k, v = cache.core.get(layer)
+        k2, v2 = back.core.get(layer)
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_cache_with_more_layers_than_the_model_is_refused(model):
+    """A MiniCacheHF built for more layers than the model has (its pairs past the last layer
+    would never merge) is refused by cache_kwargs, and by the padding hook when the cache is
+    passed directly; one of fewer layers at the first update past them."""
+    ids = _ids(6)
+    for cache in (MiniCacheHF(None, num_layers=L + 2), MiniCacheHF(None, [(L, L + 1)],
+                                                                   num_layers=L + 2)):
+        with pytest.raises(ValueError, match=f"cache: built for {L + 2} layers, but the model "
+                                             f"has {L}"):
+            cache_kwargs(model, cache)
+        track_padding(model)
+        name = next(iter(cache_kwargs(model, MiniCacheHF(model.config))))
+        with pytest.raises(ValueError, match=f"built for {L + 2} layers"), torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **{name: cache})
+        assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match="layer_idx"), torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model, MiniCacheHF(None, num_layers=L - 1)))
+
+
 def test_configs_without_a_layer_count_are_named():
     from types import SimpleNamespace
 
