@@ -57,8 +57,8 @@ def _row_scale(b_x):
     significant bits (or 0 wherever subnormals are flushed). (Computed as 1 / (max 2^-55): the
     product is exact, and ptxas allocates this form without spills on every triton checked.)"""
     big = tl.max(tl.abs(b_x), axis=1)
-    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0),
-                    tl.where(big < _SMALL, _UP, 1.0))
+    up = tl.where(big < _SMALL, _UP, 1.0)   # (this order: no spill with triton 3.6's ptxas)
+    return tl.where(big > _BIG, 1.0 / tl.where(big > _BIG, big * _UNSCALED, 1.0), up)
 
 
 # At most 8 elements of a [BLOCK_S, BLOCK_D] tile per thread: pass 1 keeps about seven float32
