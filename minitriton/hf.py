@@ -493,9 +493,10 @@ def use_minitriton_attention(model):
     - logit soft-capping (`attn_logit_softcapping`, e.g. Gemma 2);
     - attention sinks (a `sinks` parameter in an attention module, passed to the attention
       function as `s_aux`, e.g. GPT-OSS);
-    - multi-head latent attention (`kv_lora_rank`, e.g. DeepSeek-V2/V3): the cache holds
-      latents that the model expands into keys and values after the cache update, so there
-      is no merged key for a fused decode to read."""
+    - multi-head latent attention (`kv_lora_rank`, e.g. DeepSeek-V2/V3): on transformers 5
+      the cache holds latents that the model expands into keys and values after the cache
+      update, so there is no merged key for a fused decode to read (on 4.57 the cache holds
+      the keys and values, whose head dims differ, so no step would run fused either)."""
     text = _text_config(getattr(model, "config", None))
     softcap = getattr(text, "attn_logit_softcapping", None)
     if softcap is not None:
@@ -511,9 +512,9 @@ def use_minitriton_attention(model):
     rank = getattr(text, "kv_lora_rank", None)
     if rank is not None:
         raise ValueError(f"model: its attention is multi-head latent attention (kv_lora_rank="
-                         f"{rank!r}): the cache holds latents that the model expands after "
-                         f"the cache update, which a fused decode cannot read; use MiniCacheHF "
-                         f"with the model's own attention")
+                         f"{rank!r}), which the fused decode cannot run (transformers 5 caches "
+                         f"latents that the model expands after the cache update); use "
+                         f"MiniCacheHF with the model's own attention")
     register_attention()
     try:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -31,13 +31,14 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             float32 (the same), on one device, any strides (never copied to contiguous).
             16 <= D <= 256. Any |x| up to float32's largest number (3.4e38): a vector whose
             squared norm would overflow is scaled first, as is one whose squares would
-            underflow; a vector shorter than float32's smallest normal number (1.2e-38) counts
-            as zero. A token pair with a NaN or inf component, or with a vector longer than
+            underflow; a vector shorter than float32's smallest normal number (1.2e-38) has
+            no direction (a zero vector; with "projection" its x . e is kept as for any
+            vector). A token pair with a NaN or inf component, or with a vector longer than
             3.4e38 (no float32 magnitude), in either layer, has no angle: it is always retained
             (its originals come back bit for bit), its e and magnitudes are 0, and its row is
             merged as if it were not there (d_min / d_max are over the other tokens). A
             float16 / bfloat16 pair with a magnitude beyond the dtype's largest number is
-            retained too (merged, it would restore beyond the dtype's range).
+            retained too (merged, it would restore beyond the dtype's range), bar padding.
         t: SLERP parameter in [0, 1]; 0 keeps prev's direction, 1 cur's. Default 0.6.
         gamma: retention threshold in [0, 1]; 0 retains nothing, 1 all but the least distant
             (pairs without an angle, above, are retained whatever gamma is).

@@ -18,7 +18,8 @@ LERP_EPS = 1e-6
 # inf) has no magnitude.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # ... and a vector shorter than its smallest normal number (1.2e-38) counts as a zero vector
-# (1 / |x| would overflow float32 there).
+# (its float32 norm would be subnormal, with fewer significant bits; 1 / |x| overflows float32
+# below 2.9e-39). Its projection x . e is what it is.
 MIN_NORMAL = float(np.finfo(np.float32).tiny)
 
 
@@ -94,8 +95,9 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     keep: optional `[B, S]`, nonzero for a token pair kept as it is: always retained, and left
     out of the row's extremes.
     dtype_max: the largest number of the cache's dtype when it is float16 or bfloat16: a pair
-    whose magnitude (either layer) is beyond it is kept as it is (its restore would leave the
-    dtype's range), and still counts in its row's extremes.
+    whose magnitude (either layer, as stored: in float32) is beyond it is kept as it is (its
+    restore would leave the dtype's range), bar padding, and still counts in its row's
+    extremes.
     """
     x_p, x_c = _as64(x_prev), _as64(x_cur)
     with np.errstate(invalid="ignore", over="ignore"):   # (non-finite tokens: set below)
@@ -132,9 +134,9 @@ def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str
     thr = retention_threshold(d_min, d_max, gamma)
     # The most distinct pairs (Eq. 5) among the tokens, the pairs without an angle (d = NaN),
     # the pairs kept as they are, and those whose restore would leave the dtype's range.
-    retained = (is_token & (d > thr[..., None])) | ~has_angle | kept
-    if dtype_max is not None:
-        retained |= np.maximum(np.abs(mag_p), np.abs(mag_c)) > dtype_max
+    beyond = np.zeros(d.shape, dtype=bool) if dtype_max is None else \
+        np.maximum(np.abs(mag_p.astype(np.float32)), np.abs(mag_c.astype(np.float32))) > dtype_max
+    retained = (is_token & ((d > thr[..., None]) | beyond)) | ~has_angle | kept
     return dict(e=e, mag_prev=mag_p, mag_cur=mag_c, d=d, d_min=d_min, d_max=d_max,
                 threshold=thr, retained=retained, x_prev=x_p, x_cur=x_c)
 

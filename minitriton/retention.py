@@ -12,9 +12,9 @@ any token but left out of d_min / d_max and never retained, bar a pair without a
 padded row keeps exactly the tokens that the same row unpadded keeps.
 
 A float16 or bfloat16 pair whose magnitude (in either layer) is beyond the dtype's largest
-number would restore to components outside its range: it is retained too, so that `restore`
-and `decode_attention` give it back as it was rather than saturated. (Below that bound no
-restored component can pass it: |e_i| <= 1.)
+number would restore to components outside its range: it is retained too (padding aside: it is
+never attended), so that `restore` and `decode_attention` give it back as it was rather than
+saturated. (Below that bound no restored component can pass it: |e_i| <= 1.)
 
 Kept tokens (a `keep` of 1: e.g. a padded row's first tokens, which the same row unpadded holds
 in a dense sink) are always retained and left out of d_min / d_max, as tokens outside the
@@ -64,12 +64,12 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
         d_max = torch.fmax(d_max, d_range[1].to(d_max))
     thr = retention_threshold(d_min, d_max, gamma)
     retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
+    if x_prev.dtype != torch.float32:   # (a pass over the magnitudes, 8 bytes a token)
+        retained |= torch.maximum(mag_p.abs(), mag_c.abs()) > torch.finfo(x_prev.dtype).max
     if mask is not None:   # padding: only the pairs without an angle
         retained &= mask.unsqueeze(1) | (d != d)
     if keep is not None:
         retained |= keep.unsqueeze(1)
-    if x_prev.dtype != torch.float32:   # (a pass over the magnitudes, 8 bytes a token)
-        retained |= torch.maximum(mag_p.abs(), mag_c.abs()) > torch.finfo(x_prev.dtype).max
     slot = _slots_from_mask(retained)
     kept_prev, kept_cur = gather(x_prev, x_cur, retained)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,

@@ -309,11 +309,28 @@ def test_half_beyond_range_is_retained(backend, device, dtype, magnitude):
             want = decode_attention_ref(q.double().cpu().numpy(), x_hat.double().cpu().numpy(),
                                         x_hat.double().cpu().numpy())[0]
             assert_close(o, want, dtype, what=f"decode {layer}")
-    # Just inside the range: merged as any token.
+    # Padding beyond the range is merged as usual (never attended): the padded row keeps
+    # what it keeps unpadded.
+    mask = torch.ones(1, 7, dtype=torch.bool, device=device)
+    mask[0, 2] = False
+    m = minitriton.merge(xp, xc, 1.0, 0.0, magnitude, mask=mask)
+    assert not m.retained[:, :, 2].any() and m.retained[0, 0, 5]
+    check_merge_against_reference(m, xp, xc, 1.0, 0.0, magnitude, D_TOL, assert_close,
+                                  mask=mask)
+    # Inside the range, and at its bound as stored (a float32 magnitude of exactly the largest
+    # number, which the float64 norm passes by a hair): merged as any token.
     inside = xp.clone()
     inside[0, 1, 2] = xp[0, 1, 2] / 2
-    m = minitriton.merge(inside, xc, 1.0, 0.0, magnitude)
-    assert not m.retained[0, 1, 2]
+    inside[0, 1, 3] = 0
+    inside[0, 1, 3, 0] = torch.finfo(dtype).max
+    inside[0, 1, 3, 1] = 1.0 if dtype == torch.float16 else 1e34
+    xc_in = xc.clone()
+    xc_in[0, 1, 3] = inside[0, 1, 3] / 1024
+    assert torch.linalg.vector_norm(inside[0, 1, 3].double()) > torch.finfo(dtype).max
+    m = minitriton.merge(inside, xc_in, 1.0, 0.0, magnitude)
+    assert not m.retained[0, 1, 2:4].any()
+    assert float(m.mag_prev[0, 1, 3]) == pytest.approx(torch.finfo(dtype).max, rel=1e-6)
+    check_merge_against_reference(m, inside, xc_in, 1.0, 0.0, magnitude, D_TOL, assert_close)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)

@@ -43,8 +43,8 @@ _BIG = tl.constexpr(2.0 ** 56)
 _UNSCALED = tl.constexpr(2.0 ** -55)   # 1 / their largest component after the scaling
 _SMALL = tl.constexpr(2.0 ** -40)
 _UP = tl.constexpr(2.0 ** 96)
-# A norm below float32's smallest normal number counts as 0 (a zero vector): 1 / |x| would
-# overflow there.
+# A norm below float32's smallest normal number counts as 0 (a zero vector): it would be
+# subnormal, with fewer significant bits, and 1 / |x| overflows below 2.9e-39.
 _MIN_NORMAL = tl.constexpr(MIN_NORMAL)
 
 
