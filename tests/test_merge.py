@@ -65,6 +65,27 @@ def test_matches_reference_drawn(backend, device, B, H, S, D, dtype, t, gamma, m
     check_merge_against_reference(m, xp, xc, t, gamma, magnitude, D_TOL, assert_close)
 
 
+@example(dtype=torch.float32, log_p=-36.0, log_c=36.0, D=96, t=0.6, magnitude="projection",
+         seed=3)
+@example(dtype=torch.float32, log_p=-21.0, log_c=-21.0, D=16, t=0.0, magnitude="norm", seed=4)
+@given(dtype=st.sampled_from(DTYPES), log_p=st.floats(-36, 36), log_c=st.floats(-36, 36),
+       D=st.sampled_from([16, 48, 96]), t=st.sampled_from([0.0, 0.6, 1.0]) | st.floats(0, 1),
+       magnitude=st.sampled_from(["norm", "projection"]), seed=st.integers(0, 2**16))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # (numpy)
+def test_matches_reference_at_any_scale(backend, device, dtype, log_p, log_c, D, t, magnitude,
+                                        seed):
+    """Each layer at its own scale, 1e-36 to 1e36 (float16: 1e-3 to 1e3; bfloat16 to 1e-30,
+    above the subnormals that Triton's interpreter converts wrongly): the reference's e,
+    magnitudes, retention and restore, since rows are scaled before squaring wherever their
+    squares would overflow or underflow float32."""
+    lo, hi = {torch.float16: (-3, 3), torch.bfloat16: (-30, 36)}.get(dtype, (-36, 36))
+    log_p, log_c = (min(max(v, lo), hi) for v in (log_p, log_c))
+    xp, xc = make_pair(1, 2, 7, D, torch.float32, device, seed=seed, corr=0.8, outliers=1)
+    xp, xc = (xp * 10.0 ** log_p).to(dtype), (xc * 10.0 ** log_c).to(dtype)
+    m = minitriton.merge(xp, xc, t, 0.2, magnitude)
+    check_merge_against_reference(m, xp, xc, t, 0.2, magnitude, D_TOL, assert_close)
+
+
 # ---- properties (SPEC.md) --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 def test_magnitudes_survive_and_retained_exact(backend, device, dtype):
