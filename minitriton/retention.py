@@ -65,7 +65,9 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
     thr = retention_threshold(d_min, d_max, gamma)
     retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
     if x_prev.dtype != torch.float32:   # (a pass over the magnitudes, 8 bytes a token)
-        retained |= torch.maximum(mag_p.abs(), mag_c.abs()) > torch.finfo(x_prev.dtype).max
+        top = torch.maximum(mag_p, mag_c) if magnitude == "norm" \
+            else torch.maximum(mag_p.abs(), mag_c.abs())       # (norms are >= 0)
+        retained |= top > torch.finfo(x_prev.dtype).max
     if mask is not None:   # padding: only the pairs without an angle
         retained &= mask.unsqueeze(1) | (d != d)
     if keep is not None:
