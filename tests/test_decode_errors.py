@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DEVICE
 from minitriton.decode import decode_attention
 from minitriton.pair import MergedPair, _slots_from_mask
 
@@ -41,13 +42,20 @@ def call(a):
     return decode_attention(q, k, v, **a)
 
 
+def on_device(a, device):
+    """The arguments on the test device (the `device` fixture): the tests that run the op
+    launch the kernels there (CPU tensors need the interpreter, which a GPU run leaves off)."""
+    return {name: x.to(device) if isinstance(x, (torch.Tensor, MergedPair)) else x
+            for name, x in a.items()}
+
+
 @pytest.fixture(autouse=True, params=["torch", "triton"])
 def _backend(request, monkeypatch):
     monkeypatch.setenv("MINITRITON_BACKEND", request.param)
 
 
-def test_valid_arguments_run():
-    o = call(args())
+def test_valid_arguments_run(device):
+    o = call(on_device(args(), device))
     assert o.shape == (B, H * G, D)
 
 
@@ -153,20 +161,20 @@ def test_bad_input_raises(name):
     assert text in str(info.value), f"{name}: {info.value!s} does not mention {text!r}"
 
 
-def test_numpy_flags_and_counts():
+def test_numpy_flags_and_counts(device):
     """return_lse and num_splits take numpy bools and integers, as the other arguments do."""
-    a = args()
+    a = on_device(args(), device)
     want_o, want_lse = call(dict(a, return_lse=True, num_splits=2))
     o, lse = call(dict(a, return_lse=np.bool_(True), num_splits=np.int64(2)))
     assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
 
 
-def test_sm_scale_number_types():
+def test_sm_scale_number_types(device):
     """Any real number is a scale: numpy scalars and one-element tensors give the float's
     result."""
     import numpy as np
 
-    a = args()
+    a = on_device(args(), device)
     want = call(dict(a, sm_scale=0.25))
     for scale in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor([0.25])):
         assert torch.equal(call(dict(a, sm_scale=scale)), want)
@@ -189,9 +197,9 @@ def test_meta_tensors():
         call(args(q=torch.randn(B, H * G, D, device="meta"), k=meta, v=meta))
 
 
-def test_not_differentiable():
+def test_not_differentiable(device):
     """q (or a tail) that requires grad is read as data: same output, which requires no grad."""
-    a = args()
+    a = on_device(args(), device)
     want = call(dict(a))
     o = call(dict(a, q=a["q"].clone().requires_grad_(),
                   k_tail=a["k_tail"].clone().requires_grad_()))
@@ -206,6 +214,8 @@ def test_interpreter_version_gate(monkeypatch):
 
     import minitriton
     from minitriton.kernels import decode as kdecode
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter is switched on before triton is imported (CPU runs only)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MINITRITON_BACKEND", "triton")
     x = torch.randn(1, 2, 8, 16)

@@ -245,7 +245,7 @@ def test_backend_variable(monkeypatch, pair):
 
 
 @pytest.mark.parametrize("variable", [None, "auto", " Auto ", "", "torch", "triton"])
-def test_dispatch(monkeypatch, variable):
+def test_dispatch(monkeypatch, device, variable):
     """Which implementation runs: CUDA tensors the Triton kernels and CPU tensors the torch path
     by default (unset, empty or "auto"); "torch" the torch path everywhere; "triton" the
     kernels everywhere (on a CPU through the interpreter, which the test suite turns on)."""
@@ -259,15 +259,17 @@ def test_dispatch(monkeypatch, variable):
     cpu = "torch" if auto or variable == "torch" else "triton"
     assert select_backend(torch.device("cuda", 0)) == cuda
     assert select_backend(torch.device("cpu")) == cpu
-    # What the public ops run on CPU tensors (the other implementation is made to fail).
+    # What the public op runs on the test device's tensors (the other implementation is made
+    # to fail; on a CPU the suite runs the kernels through the interpreter).
     import minitriton.kernels.merge as kernels
     import minitriton.torch_merge as torch_path
-    other = "merge_triton" if cpu == "torch" else "merge_torch"
+    runs = cuda if device.type == "cuda" else cpu
+    other = "merge_triton" if runs == "torch" else "merge_torch"
 
     def fail(*args, **kwargs):
         raise AssertionError(f"{other} ran with MINITRITON_BACKEND={variable!r}")
     monkeypatch.setattr(kernels if other == "merge_triton" else torch_path, other, fail)
-    x = torch.randn(1, 2, 5, 16)
+    x = torch.randn(1, 2, 5, 16, device=device)
     m = minitriton.merge(x, x.flip(-1))
     assert m.shape == (1, 2, 5, 16)
 

@@ -416,7 +416,7 @@ def test_huge_magnitudes(backend, device, dtype):
     xp[0, 0, 3] *= 1e30
     xp, xc = torch.cat([xp, xp[:, :, :1] * 0.5], 2), torch.cat([xc, xc[:, :, :1]], 2)
     xp[0, 0, 4, 1] = 3e38                # near float32's largest (1 / 3e38 is subnormal)
-    xp, xc = xp.to(dtype), xc.to(dtype)
+    xp, xc = xp.to(device, dtype), xc.to(device, dtype)
     for t in (0.5, 1.0):
         for magnitude in ("norm", "projection"):
             m = minitriton.merge(xp, xc, t, 0.0, magnitude)
@@ -1109,10 +1109,10 @@ def test_layout_does_not_change_the_result(backend, device, dtype, layout):
         xp, xc = (torch.randn(D, B, S, H, generator=g).to(dtype).permute(1, 3, 2, 0)
                   for _ in range(2))
     elif layout == "mixed":
-        xp, xc = make_pair(B, H, S, D, dtype, "cpu", seed=61, layout="bshd", outliers=2)
+        xp, xc = make_pair(B, H, S, D, dtype, device, seed=61, layout="bshd", outliers=2)
         xp = xp.contiguous()
-    else:
-        xp, xc = make_pair(B, H, S, D, dtype, "cpu", seed=61, layout=layout, outliers=2)
+    else:   # (made on the device: a copy of a view that is not dense would be contiguous)
+        xp, xc = make_pair(B, H, S, D, dtype, device, seed=61, layout=layout, outliers=2)
     xp, xc = xp.to(device), xc.to(device)
     assert layout == "mixed" or not xp.is_contiguous()
     assert not xc.is_contiguous()
