@@ -158,10 +158,14 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _restore_bytes(m) -> int:
-    """restore's minimum traffic: read everything but d_min/d_max, write both layers."""
-    return (_nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)
-            + 2 * m.e.numel() * m.e.element_size())
+def _restore_bytes(m, layer=None) -> int:
+    """restore's minimum traffic: read everything but d_min/d_max, write both layers; with
+    `layer`, read e, the slot map and that layer's magnitudes and originals, write it."""
+    if layer is None:
+        return (_nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)
+                + 2 * m.e.numel() * m.e.element_size())
+    mag, kept = (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
+    return _nbytes(m.e, mag, m.slot, kept) + m.e.numel() * m.e.element_size()
 
 
 def _copy_provider(nbytes: int, device) -> Provider:
@@ -248,14 +252,14 @@ def _build_decode(p: Point, device, gen, mt) -> Case:
 
     def make_restore_sdpa():
         def run():
-            k_cur, v_cur = mt.restore(kp)[1], mt.restore(vp)[1]
+            k_cur, v_cur = mt.restore(kp, layer="cur"), mt.restore(vp, layer="cur")
             if T:
                 k_cur, v_cur = torch.cat([k_cur, tails[0]], 2), torch.cat([v_cur, tails[1]], 2)
             return F.scaled_dot_product_attention(q4, k_cur, v_cur)
         return run
 
     op_bytes = layer_bytes + io
-    restore_bytes = sum(_restore_bytes(m) for m in pairs)
+    restore_bytes = sum(_restore_bytes(m, "cur") for m in pairs)
     providers, notes = _op_torch_copy(make_op, op_bytes, device)
     providers.append(Provider("sdpa", make_sdpa, sdpa_bytes))
     flash = _flash_provider(q, kd, vd, sdpa_bytes)

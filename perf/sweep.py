@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import gc
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -108,6 +110,10 @@ def _measure_point(p, device, budget, rows, notes, errors) -> None:
     _free(device)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(ops, grid_name: str, device: torch.device, out_dir: Path, progress: bool = True):
     """Measure `ops` over grid `grid_name` on `device`; write the results into `out_dir`.
 
@@ -138,14 +144,28 @@ def run(ops, grid_name: str, device: torch.device, out_dir: Path, progress: bool
     paths = [prefix.with_suffix(".csv"), prefix.with_suffix(".md")]
     items = _progress(points, f"sweep {'+'.join(ops)} ({grid_name}, {device.type})") \
         if progress else points
-    for p in items:
-        _measure_point(p, device, budget, rows, notes, errors)
-        # Rewritten after every point, so a sweep cut short by a timeout leaves what it measured.
-        report.fill_derived(rows)
-        report.write_csv(paths[0], rows, env)
-    notes = list(dict.fromkeys(notes)) + [f"ERROR {e}" for e in errors]
     title = f"minitriton perf: {', '.join(ops)} ({grid_name} grid)"
-    paths[1].write_text(report.markdown(rows, env, notes, title))
+    # A sweep cut short (a timeout's SIGTERM or SIGINT, even where the shell that started it
+    # ignores SIGINT) still leaves what it measured: the CSV is rewritten after every point,
+    # the Markdown (with the targets' verdicts) on the way out.
+    main = threading.current_thread() is threading.main_thread()   # (signals: main only)
+    previous = [signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)] \
+        if main else None
+    try:
+        for p in items:
+            _measure_point(p, device, budget, rows, notes, errors)
+            report.fill_derived(rows)
+            report.write_csv(paths[0], rows, env)
+    except KeyboardInterrupt:
+        errors.append(f"interrupted after {len(rows)} rows: the points after them were not "
+                      f"measured")
+        raise
+    finally:
+        if main:
+            for sig, handler in zip((signal.SIGTERM, signal.SIGINT), previous):
+                signal.signal(sig, handler)
+        notes = list(dict.fromkeys(notes)) + [f"ERROR {e}" for e in errors]
+        paths[1].write_text(report.markdown(rows, env, notes, title))
     written = report.plot(rows, env, roofs, prefix)
     if not written:
         print("matplotlib does not import: no PNG plots", file=sys.stderr)
