@@ -249,7 +249,7 @@ def test_dispatch(monkeypatch, device, variable):
     """Which implementation runs: CUDA tensors the Triton kernels and CPU tensors the torch path
     by default (unset, empty or "auto"); "torch" the torch path everywhere; "triton" the
     kernels everywhere (on a CPU through the interpreter, which the test suite turns on)."""
-    from minitriton.backend import select_backend
+    from minitriton.backend import interpreter_enabled, select_backend
     if variable is None:
         monkeypatch.delenv("MINITRITON_BACKEND", raising=False)
     else:
@@ -258,7 +258,11 @@ def test_dispatch(monkeypatch, device, variable):
     cuda = "triton" if auto or variable == "triton" else "torch"
     cpu = "torch" if auto or variable == "torch" else "triton"
     assert select_backend(torch.device("cuda", 0)) == cuda
-    assert select_backend(torch.device("cpu")) == cpu
+    if cpu == "triton" and not interpreter_enabled():   # (a GPU run: no interpreter)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            select_backend(torch.device("cpu"))
+    else:
+        assert select_backend(torch.device("cpu")) == cpu
     # What the public op runs on the test device's tensors (the other implementation is made
     # to fail; on a CPU the suite runs the kernels through the interpreter).
     import minitriton.kernels.merge as kernels
