@@ -158,14 +158,12 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _restore_bytes(m, layer=None) -> int:
-    """restore's minimum traffic: read everything but d_min/d_max, write both layers; with
-    `layer`, read e, the slot map and that layer's magnitudes and originals, write it."""
-    if layer is None:
-        return (_nbytes(m.e, m.mag_prev, m.mag_cur, m.slot, m.kept_prev, m.kept_cur)
-                + 2 * m.e.numel() * m.e.element_size())
-    mag, kept = (m.mag_prev, m.kept_prev) if layer == "prev" else (m.mag_cur, m.kept_cur)
-    return _nbytes(m.e, mag, m.slot, kept) + m.e.numel() * m.e.element_size()
+def _restore_bytes(m, layers=("prev", "cur")) -> int:
+    """restore's minimum traffic for `layers`: read e, the slot map and each layer's magnitudes
+    and retained originals (not d_min/d_max), write each layer."""
+    parts = {"prev": (m.mag_prev, m.kept_prev), "cur": (m.mag_cur, m.kept_cur)}
+    return (_nbytes(m.e, m.slot, *(x for layer in layers for x in parts[layer]))
+            + len(layers) * m.e.numel() * m.e.element_size())
 
 
 def _copy_provider(nbytes: int, device) -> Provider:
@@ -259,7 +257,7 @@ def _build_decode(p: Point, device, gen, mt) -> Case:
         return run
 
     op_bytes = layer_bytes + io
-    restore_bytes = sum(_restore_bytes(m, "cur") for m in pairs)
+    restore_bytes = sum(_restore_bytes(m, ("cur",)) for m in pairs)
     providers, notes = _op_torch_copy(make_op, op_bytes, device)
     providers.append(Provider("sdpa", make_sdpa, sdpa_bytes))
     flash = _flash_provider(q, kd, vd, sdpa_bytes)
