@@ -25,6 +25,12 @@ def check_tensor(name: str, x, ndim: int | None = None, dtypes=SUPPORTED_DTYPES)
     return x
 
 
+def plain(x):
+    """x seen as a plain torch.Tensor (a view, no copy) when it is of a subclass, so that every
+    output, on every backend, is a plain tensor (None stays None)."""
+    return x if x is None or type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
+
+
 def check_dense(name: str, x: torch.Tensor) -> None:
     """A dense (strided) tensor: not sparse, mkldnn or nested."""
     if x.is_nested:

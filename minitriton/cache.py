@@ -269,6 +269,11 @@ class MiniCache:
 
     `update(layer, k, v)` takes `[B, H, S, D]` key and value states of one layer and returns
     the states that the layer attends to; `get(layer)` returns what the cache holds for it.
+    For a decoder of one's own: `append(layer, k, v)` stores without restoring, and
+    `decode_parts(layer)` / `padded_decode_parts(layer, pads)` give what `decode_attention`
+    takes for a one-token step; `set_attention_mask(mask)` for padded batches. Edits:
+    `crop(n)`, `select_batch(index)`, `reset()`. Bytes: `nbytes`, `dense_nbytes`,
+    `compression_ratio`, `stats()`. See the README's "The cache".
     """
 
     def __init__(self, num_layers: int, plan=None, *, t: float = DEFAULT_T,

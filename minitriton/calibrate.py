@@ -131,6 +131,9 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
             (default 14, as `python -m minitriton calibrate`).
         match_compression: also build "calibrated-matched", adding pairs until the plan's
             compression reaches this (default: that of the paper's plan on these windows).
+        window: W of the caches it evaluates (each prefix is merged whole at the prefill and
+            the scored tokens stay in the tail, so W does not change the scores).
+        progress: show a progress bar (tqdm, when installed) on stderr.
         return_report: return a `CalibrationReport` instead of the budget `MergePlan`.
     """
     t_start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`python -m minitriton {demo,eval,calibrate}` on the embedded SmolLM2-135M model and text.
+"""`python -m minitriton {demo,eval,calibrate}` on the embedded SmolLM2-135M model and text,
+and `python -m minitriton synthetic` on a synthetic cache (no model).
 
     python -m minitriton demo [--out DIR]          generate with and without MiniCache, compare
                                                    quality, write the plots (a few minutes)
@@ -322,7 +323,8 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # (allow_abbrev=False: demo's --window must not be read as --windows elsewhere)
     p = argparse.ArgumentParser(prog="python -m minitriton", allow_abbrev=False,
-                                description="MiniCache on the embedded SmolLM2-135M model")
+                                description="MiniCache on the embedded SmolLM2-135M model "
+                                            "(and on a synthetic cache)")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--threads", type=_int_at_least(1), default=None,
@@ -364,17 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--window", type=_int_at_least(1), default=DEFAULT_WINDOW,
                    help=f"W, decoded tokens merged at once in generation (default "
                         f"{DEFAULT_WINDOW})")
-    d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
-    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
+    d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.",
+                   help="the question to answer (default: why the sky is blue)")
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=48,
+                   help="tokens generated with each cache (48)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("synthetic", allow_abbrev=False,
                        help="merge a synthetic cache (no model needed)")
     s.add_argument("--shape", type=_shape, default="2,8,2048,128",
                    help="B,H,S,D (2,8,2048,128)")
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    s.add_argument("--t", type=_unit_float, default=0.6)
-    s.add_argument("--gamma", type=_unit_float, default=0.05)
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="states' dtype (float16)")
+    s.add_argument("--t", type=_unit_float, default=0.6, help="SLERP parameter (0.6)")
+    s.add_argument("--gamma", type=_unit_float, default=0.05,
+                   help="retention threshold (0.05)")
     s.set_defaults(func=cmd_synthetic)
     return p
 

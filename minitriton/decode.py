@@ -11,7 +11,7 @@ import math
 import torch
 
 from ._checks import (check_bool, check_has_data, check_head_dim, check_int, check_real,
-                      check_same, check_tensor)
+                      check_same, check_tensor, plain)
 from .backend import select_backend
 from .pair import MergedPair, check_pair, resolve_neg
 from .reference import FLOAT32_MAX
@@ -53,8 +53,8 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         return_lse: also return the log-sum-exp of the scaled scores.
         num_splits: Triton path only: split the token axis over this many programs per KV head
             (1 to 1024; more splits than blocks is allowed and only wastes a little). Default: a
-            heuristic from B, H, S + T and the GPU's multiprocessor count. Ignored by the torch
-            path.
+            heuristic from B, H, S + T and the GPU's multiprocessor count. Checked on both
+            backends (the same call is valid on each), then ignored by the torch path.
 
     Returns:
         o `[B, Hq, D]` in q's dtype; with return_lse, `(o, lse)` with lse float32 `[B, Hq]`, the
@@ -92,8 +92,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
         q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, return_lse, num_splits)
     _check_lengths("seq_starts", seq_starts, q.shape[0], k.shape[2], "S", q.device)
     # Views with torch's lazy negation bit hold -x in their storage, which the kernels read.
-    q, k, v = q.resolve_neg(), resolve_neg(k), resolve_neg(v)
-    k_tail, v_tail = (None if x is None else x.resolve_neg() for x in (k_tail, v_tail))
+    # Tensor subclasses are read as plain tensors (the output is plain on every backend).
+    q, k, v = plain(q.resolve_neg()), resolve_neg(k), resolve_neg(v)
+    k_tail, v_tail = (None if x is None else plain(x.resolve_neg()) for x in (k_tail, v_tail))
     with torch.no_grad():   # not differentiable, on both backends
         if select_backend(q.device) == "triton":
             from .kernels.decode import decode_attention_triton
@@ -147,7 +148,10 @@ def _check_args(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens, sm_scale, r
     if Dk != D:
         raise ValueError(f"k: head dim {Dk} does not match q's head dim {D}")
     check_head_dim("q", D)
-    if H == 0 or Hq % H != 0:
+    if H == 0:
+        raise ValueError(f"k: a pair of H=0 KV heads has no query groups (q has Hq={Hq} heads; "
+                         f"each KV head serves Hq / H of them)")
+    if Hq % H != 0:
         raise ValueError(f"q: number of query heads Hq={Hq} is not a multiple of the number of "
                          f"KV heads H={H}")
 

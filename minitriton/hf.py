@@ -53,6 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
 from ._checks import check_bool, check_index, check_int
 from .cache import DEFAULT_GAMMA, DEFAULT_T, DEFAULT_WINDOW, MiniCache
+from .plan import MergePlan
 from .decode import decode_attention
 
 ATTENTION_NAME = "minitriton"
@@ -115,9 +116,12 @@ class MiniCacheLayer(CacheLayerMixin):
 
     @property
     def is_croppable(self) -> bool:
-        """Whether `crop` can put this layer back as it was (`MiniCache.crop_is_exact`):
-        transformers refuses assisted decoding over a cache where it cannot."""
-        return self._owner.core.crop_is_exact(self._idx)
+        """Whether every crop that generation may make puts this layer back as it was: True
+        for a dense layer and a "mean" pair; False for a slerp pair, whose crops are exact only
+        until it merges tokens (`MiniCache.crop_is_exact`), which any forward may do.
+        transformers 5 asks once, before assisted decoding, and refuses it with such a cache."""
+        pair, _ = self._owner.core._locate(self._idx)
+        return pair is None or pair.spec.method == "mean"
 
     def crop(self, n: int) -> None:
         self._owner.crop(n)
@@ -131,14 +135,32 @@ def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def _attr(config, name: str):
+    """config.name, or None where it is missing or cannot be read as one value (a per-layer
+    config, e.g. Gemma 4's, raises for an attribute that varies across layers)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:   # (transformers' per-layer error is not an AttributeError)
+        return None
+
+
+def _kv_shared_layers(text, num_layers: int) -> range:
+    """The layers that reuse an earlier layer's states instead of updating the cache: the last
+    `num_kv_shared_layers` (e.g. Gemma 3n); empty for other models."""
+    shared = _attr(text, "num_kv_shared_layers")
+    shared = shared if isinstance(shared, int) and 0 < shared < num_layers else 0
+    return range(num_layers - shared, num_layers)
+
+
 def _check_head_dim(config) -> None:
     """A plan that merges needs a head dim that merge supports: known from the config, so a
     model that cannot be merged is refused before its first forward."""
     from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
     text = _text_config(config)
-    D = getattr(text, "head_dim", None)
-    if D is None and getattr(text, "num_attention_heads", None):
-        D = text.hidden_size // text.num_attention_heads
+    D = _attr(text, "head_dim")
+    heads, hidden = _attr(text, "num_attention_heads"), _attr(text, "hidden_size")
+    if D is None and isinstance(heads, int) and heads and isinstance(hidden, int):
+        D = hidden // heads
     if isinstance(D, int) and not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"config: head dim {D} cannot be merged (merge supports "
                          f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]); use plan=[] for a dense cache")
@@ -155,7 +177,8 @@ class MiniCacheHF(Cache):
         num_layers, t, gamma, magnitude, sink, window: as for `MiniCache` (num_layers, when
             given with a config, must match its number of layers).
         fused_decode: use `decode_attention` for one-token steps over merged layers when the model
-            runs the "minitriton" attention (see `use_minitriton_attention`). Default True.
+            running the forward was switched by `use_minitriton_attention` (the model decides,
+            not `config`: a cache built with config=None fuses too). Default True.
 
     Use it as `model.generate(..., **cache_kwargs(model, cache))` or likewise in `model(...)`:
     `cache=cache` on the transformers releases whose forward takes `cache` (5.x; they warn
@@ -180,21 +203,34 @@ class MiniCacheHF(Cache):
             raise ValueError(f"num_layers: {num_layers} does not match the config's "
                              f"num_hidden_layers={text.num_hidden_layers} (pass one or the "
                              f"other)")
+        shared = _kv_shared_layers(text, num_layers) if config is not None else range(0)
+        if plan is None and len(shared):   # the paper's plan over the layers that update
+            plan = MergePlan.paper(shared.start, t=t, gamma=gamma, magnitude=magnitude,
+                                   sink=sink)
         self.core = MiniCache(num_layers, plan, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                               window=window)
+        touched = sorted(set(self.core.plan.merged_layers()) & set(shared))
+        if touched:
+            raise ValueError(f"plan: layers {touched} never update the cache (the model's last "
+                             f"{len(shared)} layers reuse earlier layers' states: "
+                             f"num_kv_shared_layers={len(shared)}), so no pair can include "
+                             f"them; merge layers below {shared.start}")
         if config is not None and self.core.merges:
             _check_head_dim(config)
         self._config = config
         self.fused_decode = check_bool("fused_decode", fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
+        self._runner = None     # the config of the model whose forward is running, if hooked
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
 
     def __getstate__(self):
-        """Pickling (`torch.save`, `copy.deepcopy`) leaves out the attention-mask memo: a weak
-        reference, and only a shortcut."""
+        """Pickling (`torch.save`, `copy.deepcopy`) leaves out the attention-mask memo (a weak
+        reference, and only a shortcut) and the running model's config (set anew by the hook
+        of the next forward)."""
         state = self.__dict__.copy()
         state["_mask_memo"] = None
+        state["_runner"] = None
         return state
 
     @property
@@ -223,11 +259,16 @@ class MiniCacheHF(Cache):
         self.core.set_attention_mask(mask)
 
     def _fused(self, layer_idx: int, key_states: torch.Tensor, value_states) -> bool:
-        if not self.fused_decode or key_states.shape[2] != 1 or self._config is None:
+        """Whether this update hands the attention function markers: a one-token step over a
+        merged layer, inside a forward of a model switched by `use_minitriton_attention` (its
+        hook sets `_runner` for the forward's duration) whose attention is "minitriton". The
+        running model decides, not the config the cache was built from: a cache loaded or
+        built elsewhere and used with another model's attention never hands out markers."""
+        if not self.fused_decode or key_states.shape[2] != 1 or self._runner is None:
             return False
         if value_states.shape[3] != key_states.shape[3]:   # (decode_attention takes one D)
             return False
-        if getattr(self._config, "_attn_implementation", None) != ATTENTION_NAME:
+        if _attr(self._runner, "_attn_implementation") != ATTENTION_NAME:
             return False
         return self.core.decode_parts(layer_idx) is not None
 
@@ -238,7 +279,9 @@ class MiniCacheHF(Cache):
             B, H, _, D = key_states.shape
             k_mark = key_states.new_empty((B, H, 0, D))
             v_mark = value_states.new_empty((B, H, 0, value_states.shape[3]))
-            setattr(k_mark, _MARK, (self, layer_idx))
+            mark = (self, layer_idx)
+            setattr(k_mark, _MARK, mark)
+            setattr(v_mark, _MARK, mark)   # (both must reach the attention function as given)
             return k_mark, v_mark
         return self.core.update(layer_idx, key_states, value_states)
 
@@ -410,6 +453,12 @@ def minitriton_attention(module, query, key, value, attention_mask, scaling=None
     if mark is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if getattr(value, _MARK, None) is not mark:
+        raise ValueError(
+            f"value: the {ATTENTION_NAME!r} attention got the cache's key marker with other "
+            f"values: this model changes the values the cache returns before its attention "
+            f"(e.g. DiffLlama splits them), which the fused decode cannot follow; use "
+            f"MiniCacheHF with the model's own attention, or fused_decode=False")
     owner, layer_idx = mark
     mk, mv = owner.core.merged_pairs(layer_idx)
     # decode_attention has no sliding window: such layers restore. It takes one dtype: under
@@ -446,19 +495,36 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _hand_over_mask(module, args, kwargs):
-    """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses, read as
-    transformers reads it (nonzero for a token, whatever its dtype); None for a call without
-    one, or with a 4-D mask, which says nothing about padding positions."""
+def _call_cache(module, args, kwargs):
+    """The MiniCacheHF a forward call uses (passed as `past_key_values=` or `cache=`, by
+    keyword or position), and its named arguments; None if it uses none."""
     named = dict(zip(forward_params(module), args), **kwargs)   # (arguments given by position)
     cache = named.get("past_key_values")
     if cache is None:
         cache = named.get("cache")
-    if isinstance(cache, MiniCacheHF):
+    return (cache if isinstance(cache, MiniCacheHF) else None), named
+
+
+def _hand_over_mask(module, args, kwargs):
+    """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses, read as
+    transformers reads it (nonzero for a token, whatever its dtype); None for a call without
+    one, or with a 4-D mask, which says nothing about padding positions. The cache also learns
+    the running model's config (whether its attention is "minitriton") until the forward
+    ends."""
+    cache, named = _call_cache(module, args, kwargs)
+    if cache is not None:
         _check_fits(module, cache)
         mask = named.get("attention_mask")
         cache.set_attention_mask(mask != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2
                                  else None)
+        cache._runner = getattr(module, "config", None)
+
+
+def _forward_done(module, args, kwargs, output):
+    """Forward hook (run on errors too): the forward's cache no longer runs under it."""
+    cache, _ = _call_cache(module, args, kwargs)
+    if cache is not None:
+        cache._runner = None
 
 
 _HOOK_ATTR = "_minitriton_padding_hook"
@@ -480,8 +546,13 @@ def track_padding(model):
     """
     if getattr(model, _HOOK_ATTR, None) is None:
         setattr(model, _HOOK_ATTR,
-                model.register_forward_pre_hook(_hand_over_mask, with_kwargs=True))
+                (model.register_forward_pre_hook(_hand_over_mask, with_kwargs=True),
+                 model.register_forward_hook(_forward_done, with_kwargs=True, always_call=True)))
     return model
+
+
+# Model types whose attention reads the cache's returned states outside the attention function.
+_STATES_USED_OUTSIDE_ATTENTION = ("diffllama", "doge")
 
 
 def use_minitriton_attention(model):
@@ -496,9 +567,18 @@ def use_minitriton_attention(model):
     - multi-head latent attention (`kv_lora_rank`, e.g. DeepSeek-V2/V3): on transformers 5
       the cache holds latents that the model expands into keys and values after the cache
       update, so there is no merged key for a fused decode to read (on 4.57 the cache holds
-      the keys and values, whose head dims differ, so no step would run fused either)."""
+      the keys and values, whose head dims differ, so no step would run fused either);
+    - models whose attention uses the states the cache returns other than by passing them to
+      the attention function (DiffLlama splits the values, Doge builds its mask from them):
+      a fused step hands out empty markers in their place. (Another such model is refused at
+      its first fused step, where the markers do not arrive as given.)"""
     text = _text_config(getattr(model, "config", None))
-    softcap = getattr(text, "attn_logit_softcapping", None)
+    kind = _attr(text, "model_type")
+    if kind in _STATES_USED_OUTSIDE_ATTENTION:
+        raise ValueError(f"model: its attention ({kind!r}) uses the keys or values the cache "
+                         f"returns outside the attention function, where a fused step hands "
+                         f"out markers; use MiniCacheHF with the model's own attention")
+    softcap = _attr(text, "attn_logit_softcapping")
     if softcap is not None:
         raise ValueError(f"model: its attention soft-caps logits (attn_logit_softcapping="
                          f"{softcap!r}), which the {ATTENTION_NAME!r} attention does not; use "
@@ -509,7 +589,7 @@ def use_minitriton_attention(model):
         raise ValueError(f"model: its attention has attention sinks ({sinks}.sinks), which the "
                          f"{ATTENTION_NAME!r} attention does not; use MiniCacheHF with the "
                          f"model's own attention")
-    rank = getattr(text, "kv_lora_rank", None)
+    rank = _attr(text, "kv_lora_rank")
     if rank is not None:
         raise ValueError(f"model: its attention is multi-head latent attention (kv_lora_rank="
                          f"{rank!r}), which the fused decode cannot run (transformers 5 caches "

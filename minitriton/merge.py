@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import (PADDING, check_dense, check_has_data, check_head_dim, check_mask_dtype,
-                      check_same, check_tensor, check_unit_interval, token_mask)
+                      check_same, check_tensor, check_unit_interval, plain, token_mask)
 from .backend import select_backend
 from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
 
@@ -54,8 +54,9 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
             batch). Padding is merged like any token (so restore gives it back merged), but it
             is left out of d_min / d_max and never retained (bar a pair without an angle,
             which is always retained): a padded row keeps exactly the tokens the same row
-            keeps unpadded. The extremes are then taken from d in one more pass over it (4
-            bytes a token). Integer values other than 0 and 1 are refused on a CPU.
+            keeps unpadded. The extremes are then taken from d in one more pass over it and the
+            mask (on the Triton path 4 bytes a token, and the mask's byte there and in the
+            mark pass). Integer values other than 0 and 1 are refused on a CPU.
         keep: optional `[B, S]` bool or integer tensor, True / 1 for a token pair kept as it
             was (retained, whatever its d, padding too) and left out of d_min / d_max, as a
             token outside the merge would be: e.g. a left-padded row's first tokens, which the
@@ -73,11 +74,13 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     stored bytes at their minimum. Everything else is asynchronous.
 
     Bytes (Triton path): each input is read once in the fused pass (e, magnitudes, d, row
-    extremes); a light pass over d (4 bytes a token) marks the retained tokens and only those
-    are read again. Floor = 2 x B*H*S*D*itemsize read + B*H*S*(D*itemsize + 12) written (e,
-    magnitudes, slot) + the retained store; the kernel adds about 18 bytes a token (d written
-    and read, the mask and its numbering; 26 in float16/bfloat16, whose magnitudes are read
-    again for the range rule), under 4% at D = 128 in bfloat16.
+    extremes); a mark pass reads d (4 bytes a token) and writes a flag byte, a number pass
+    reads the flags and writes the slots, and only the retained tokens are read again.
+    Floor = 2 x B*H*S*D*itemsize read + B*H*S*(D*itemsize + 12) written (e, magnitudes, slot)
+    + the retained store; the kernels add 10 bytes a token (d written and read, the flag
+    written and read; 18 in float16/bfloat16, whose magnitudes are read again for the range
+    rule) and 20 a retained token (its index written and read, its d read): 0.7% at D = 128
+    in float32, 2.3% in bfloat16. A `mask` or `keep` adds 6 bytes a token (8 with both).
 
     Example:
         >>> k_prev = torch.randn(1, 8, 1024, 128, dtype=torch.bfloat16)
@@ -101,9 +104,11 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         mask = _check_mask(mask, x_prev)
     if keep is not None:
         keep = _check_mask(keep, x_prev, "keep")
+    magnitude = str(magnitude)   # (e.g. a numpy.str_: the pair stores the plain str)
     # A view with torch's lazy negation bit (e.g. `z.conj().imag`) holds -x in its storage,
     # which is what a kernel reads: such inputs are materialised (no copy for any other).
-    x_prev, x_cur = x_prev.resolve_neg(), x_cur.resolve_neg()
+    # Tensor subclasses are read as plain tensors (what the pair stores is plain).
+    x_prev, x_cur = plain(x_prev.resolve_neg()), plain(x_cur.resolve_neg())
     with torch.no_grad():   # not differentiable: inputs that require grad are read as data
         if select_backend(x_prev.device) == "triton":
             from .kernels.merge import merge_triton
@@ -126,7 +131,7 @@ def restore(m: MergedPair, layer: str | None = None):
 
     The Triton kernel is autotuned per head dim and dtype: its first call for each benchmarks
     a few tile configs (host synchronisations), so call it once before capturing it in a CUDA
-    graph, or set MINITRITON_AUTOTUNE=0 before importing minitriton (one fixed config).
+    graph, or set MINITRITON_AUTOTUNE=0 before the first Triton call (one fixed config).
 
     A MergedPair built by hand is checked field by field; the values of its `slot` map (-1 or
     the rows of the store, each once) only on a CPU, where reading them costs no host

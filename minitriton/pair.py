@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._checks import check_dense, check_head_dim, check_tensor, check_unit_interval
+from ._checks import (check_dense, check_has_data, check_head_dim, check_tensor,
+                      check_unit_interval)
 
 MAGNITUDE_MODES = ("norm", "projection")
 
@@ -63,6 +64,17 @@ class MergedPair:
     t: float
     gamma: float
     magnitude: str = "norm"
+
+    def __post_init__(self):
+        # Settings are stored as plain float / str (e.g. a numpy float or numpy.str_ given to a
+        # hand-built pair), so that the pair pickles with torch.save and loads with
+        # weights_only=True. Their values are checked by the ops that take the pair.
+        for name in ("t", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+        if isinstance(self.magnitude, str):
+            object.__setattr__(self, "magnitude", str(self.magnitude))
 
     # ---- shape and type ---------------------------------------------------------------------
     @property
@@ -158,6 +170,7 @@ class MergedPair:
             raise ValueError("pairs: expected at least one MergedPair, got an empty list")
         for i, p in enumerate(pairs):
             check_pair(f"pairs[{i}]", p)
+            check_has_data(f"pairs[{i}].e", p.e)
         first = pairs[0]
         if len(pairs) == 1:
             return first

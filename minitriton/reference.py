@@ -73,12 +73,17 @@ def retention_threshold(d_min, d_max, gamma: float):
     """Eq. 5, read with d = Omega / pi: a token is retained iff d > threshold.
 
     gamma = 0 gives d_max (nothing retained), gamma = 1 gives d_min (all but the least distant):
-    the formula is pinned there, and never goes below d_min, whatever its rounding.
+    the formula is pinned there, and never goes below d_min, whatever its rounding. Any
+    gamma > 0 retains the most distant token, as in exact arithmetic, even where the product
+    is too small to move d_max in floating point.
     """
     d_min, d_max = np.asarray(d_min, dtype=np.float64), np.asarray(d_max, dtype=np.float64)
     if gamma >= 1.0:
         return d_min.copy()
-    return np.maximum(d_max - (d_max - d_min) * gamma, d_min)
+    thr = np.maximum(d_max - (d_max - d_min) * gamma, d_min)
+    if gamma > 0.0:
+        thr = np.where(d_max > d_min, np.minimum(thr, np.nextafter(d_max, -np.inf)), thr)
+    return thr
 
 
 def merge_ref(x_prev, x_cur, t: float = 0.6, gamma: float = 0.05, magnitude: str = "norm",

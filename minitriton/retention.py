@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .pair import MergedPair, _slots_from_mask
+from .pair import MergedPair
 
 
 def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -33,25 +33,36 @@ def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) 
 
     d_max - (d_max - d_min) * gamma is non-increasing in gamma in floating point (each operation
     rounds monotonically); clamping at d_min and pinning gamma = 1 to d_min exactly make
-    gamma = 1 retain all but the least distant token despite rounding.
+    gamma = 1 retain all but the least distant token despite rounding. At the other end, a
+    gamma > 0 so small that the product is below half an ulp of d_max would round the threshold
+    to d_max, and retain nothing as gamma = 0 does: it is held one float32 step below d_max
+    (where d_max > d_min), so that the most distant token is retained, as in exact arithmetic.
     """
     if gamma >= 1.0:
         return d_min.clone()
-    thr = d_max - (d_max - d_min) * gamma
-    return torch.maximum(thr, d_min)
+    thr = torch.maximum(d_max - (d_max - d_min) * gamma, d_min)
+    if gamma > 0.0:
+        below = torch.nextafter(d_max, torch.full_like(d_max, -1.0))
+        thr = torch.where(d_max > d_min, torch.minimum(thr, below), thr)
+    return thr
 
 
 def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                 d_range, gather, mask=None, keep=None) -> MergedPair:
-    """Retention from d and the row extremes, then the retained store (`gather` is the
-    backend's: it reads only the retained tokens). With a `mask` (bool `[B, S]`, False for
-    padding) or a `keep` (bool `[B, S]`, True for a token kept as it is) the extremes are taken
-    again from d over the other tokens (the backends' cover every position): a pass over d,
-    4 bytes a token. Half-precision pairs with a magnitude beyond the dtype's range are
-    retained (module docstring).
+                 d_range, select, mask=None, keep=None, counted_extremes=None) -> MergedPair:
+    """Retention from d and the row extremes, then the retained store. With a `mask` (bool
+    `[B, S]`, False for padding) or a `keep` (bool `[B, S]`, True for a token kept as it is)
+    the extremes are taken again from d over the other tokens (the backends' cover every
+    position): by `counted_extremes(d, mask, keep)` when the backend gives one (the Triton
+    path's kernel), else by torch ops. Half-precision pairs with a magnitude beyond the
+    dtype's range are retained (module docstring).
 
-    The store is compact, so its size N is read on the host (one synchronisation)."""
-    if (mask is not None or keep is not None) and d.shape[-1]:
+    `select(thr, bound, mask, keep) -> (slot, kept_prev, kept_cur)` is the backend's: it marks
+    the retained tokens from d, the float32 thresholds `[B, H]`, the range bound (None for
+    float32) and the masks, numbers them, and reads only them into the compact store, whose
+    size N it reads on the host (one synchronisation)."""
+    if (mask is not None or keep is not None) and counted_extremes is not None:
+        d_min, d_max = counted_extremes(d, mask, keep)
+    elif (mask is not None or keep is not None) and d.shape[-1]:
         counted = d == d                                # tokens with an angle
         if mask is not None:
             counted &= mask.unsqueeze(1)
@@ -63,16 +74,22 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
         d_min = torch.fmin(d_min, d_range[0].to(d_min))
         d_max = torch.fmax(d_max, d_range[1].to(d_max))
     thr = retention_threshold(d_min, d_max, gamma)
-    retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()      # (NaN d: retained)
-    if x_prev.dtype != torch.float32:   # (a pass over the magnitudes, 8 bytes a token)
+    bound = None if x_prev.dtype == torch.float32 else torch.finfo(x_prev.dtype).max
+    slot, kept_prev, kept_cur = select(thr, bound, mask, keep)
+    return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,
+                      float(t), float(gamma), magnitude)
+
+
+def retained_mask(d, thr, mag_p, mag_c, magnitude, bound, mask=None, keep=None):
+    """bool `[B, H, S]`: the retention rule in torch ops (the torch path's marking; the Triton
+    path's mark kernel applies the same rule in one pass). NaN d (no angle) is retained."""
+    retained = torch.le(d, thr.unsqueeze(-1)).logical_not_()
+    if bound is not None:   # (a pass over the magnitudes, 8 bytes a token)
         top = torch.maximum(mag_p, mag_c) if magnitude == "norm" \
             else torch.maximum(mag_p.abs(), mag_c.abs())       # (norms are >= 0)
-        retained |= top > torch.finfo(x_prev.dtype).max
+        retained |= top > bound
     if mask is not None:   # padding: only the pairs without an angle
         retained &= mask.unsqueeze(1) | (d != d)
     if keep is not None:
         retained |= keep.unsqueeze(1)
-    slot = _slots_from_mask(retained)
-    kept_prev, kept_cur = gather(x_prev, x_cur, retained)
-    return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,
-                      float(t), float(gamma), magnitude)
+    return retained

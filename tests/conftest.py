@@ -99,7 +99,7 @@ class _PoisonTorch:
         if x.is_floating_point():
             x.fill_(float("nan"))
         elif x.dtype != torch.bool:
-            x.fill_(-7777)
+            x.fill_(-7777 if x.element_size() > 1 else 77)   # (77: a byte, and a set flag)
         return x
 
     def empty(self, *args, **kwargs):

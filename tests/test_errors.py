@@ -64,6 +64,9 @@ def test_meta_tensors(backend, pair):
             xp.to("meta"), xc.to("meta"))
     _raises(ValueError, "m.e: a tensor on the meta device holds no data", minitriton.restore,
             minitriton.merge(xp, xc).to("meta"))
+    meta = minitriton.merge(xp, xc).to("meta")
+    _raises(ValueError, r"pairs\[0\]\.e: a tensor on the meta device holds no data",
+            minitriton.MergedPair.cat, [meta, meta])
 
 
 @pytest.mark.parametrize("D", [8, 15, 257, 512])

@@ -120,25 +120,29 @@ def test_crop_and_batch_edits(model):
 
 def test_crop_is_exact_only_before_merging(model):
     """A slerp pair can be cropped back exactly only while none of its tokens are merged (each
-    merged chunk's threshold came from all its tokens): `is_croppable` says so per layer, and
-    transformers >= 5 then refuses assisted decoding instead of decoding differently from
-    greedy. Dense layers and "mean" pairs stay croppable."""
+    merged chunk's threshold came from all its tokens), and any forward may merge: its layers
+    are never `is_croppable`, and transformers >= 5 refuses assisted decoding instead of
+    decoding differently from greedy, even when the prompt merged nothing yet (sink 16).
+    Dense layers and "mean" pairs stay croppable."""
     ids = _ids(12, seed=3)
     caches = [MiniCacheHF(model.config, []),
               MiniCacheHF(model.config, [PairSpec(3, method="mean")], window=4),
               MiniCacheHF(model.config, window=4)]                      # slerp (3, 4)
     for cache in caches:
-        assert cache.is_croppable
         with torch.no_grad():
             model(input_ids=ids, **cache_kwargs(model, cache))
     dense, mean, slerp = caches
     assert dense.is_croppable and mean.is_croppable and not slerp.is_croppable
+    assert not slerp.core.crop_is_exact(3) and slerp.core.crop_is_exact(2)
     assert [layer.is_croppable for layer in slerp.layers] == [i not in (3, 4) for i in range(L)]
+    assert not MiniCacheHF(model.config, window=4).is_croppable    # (nothing held yet)
     if int(transformers.__version__.split(".")[0]) >= 5:
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                   do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=2)
-        with torch.no_grad(), pytest.raises(ValueError, match="cropped"):
-            model.generate(**kw, **cache_kwargs(model, MiniCacheHF(model.config, window=4)))
+        for sink in (0, 16):
+            with torch.no_grad(), pytest.raises(ValueError, match="cropped"):
+                model.generate(**kw, **cache_kwargs(model, MiniCacheHF(model.config, window=4,
+                                                                       sink=sink)))
         with torch.no_grad():
             got = model.generate(**kw, **cache_kwargs(model, MiniCacheHF(model.config, [])))
         assert torch.equal(got, _generate(model, ids, DynamicCache(), n=6))
@@ -307,6 +311,7 @@ def test_fused_decode_needs_one_head_dim():
                           _attn_implementation=ATTENTION_NAME)
     for dv, fused in ((16, True), (24, False)):
         cache = MiniCacheHF(cfg, [(0, 1)], window=1)
+        cache._runner = cfg   # (what use_minitriton_attention's hook sets during a forward)
         g = torch.Generator().manual_seed(0)
         for n in (5, 1):
             for layer in (0, 1):
@@ -619,3 +624,98 @@ def test_fused_decode_with_left_padding_matches_restore(model):
         finally:
             model.set_attn_implementation(cfg)
     assert fused.fused_steps == 5 * 4 and plain.fused_steps == 0
+
+
+def test_the_running_model_decides_fused_decode(model):
+    """Markers go out only inside a forward of a model switched by use_minitriton_attention
+    (its hook names the running model): not from the config the cache was built from, so a
+    cache built, loaded or copied for a "minitriton" model and used by a model with another
+    attention gets its states; and a cache built with config=None fuses."""
+    import copy
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                          _attn_implementation=ATTENTION_NAME)
+
+    def step(cache):
+        g = torch.Generator().manual_seed(0)
+        for n in (5, 1):
+            for layer in (0, 1):
+                k_out, _ = cache.update(torch.randn(1, 2, n, 16, generator=g),
+                                        torch.randn(1, 2, n, 16, generator=g), layer)
+        return k_out.shape[2]
+
+    assert step(MiniCacheHF(cfg, [(0, 1)], window=1)) == 6          # no model running it
+    hooked = MiniCacheHF(cfg, [(0, 1)], window=1)
+    hooked._runner = cfg
+    assert step(copy.deepcopy(hooked)) == 6 and step(hooked) == 0    # (copies leave it out)
+
+    ids = _ids(9, seed=4)
+    cache = MiniCacheHF(None, num_layers=L, window=2)
+    cfg_attn = model.config._attn_implementation
+    try:
+        use_minitriton_attention(model)
+        out = _generate(model, ids, cache, n=4)
+    finally:
+        model.set_attn_implementation(cfg_attn)
+    assert cache.fused_steps == 3 * 2 and cache._runner is None     # (3 steps x 2 layers)
+    assert torch.equal(out, _generate(model, ids, MiniCacheHF(model.config, window=2), n=4))
+
+
+def test_markers_must_reach_the_attention_as_given(model):
+    """A model that hands the attention function other values than the cache returned (e.g.
+    split in halves) is refused at its first fused step, by name, instead of attending to the
+    cache's own values; DiffLlama and Doge, whose attention uses the returned states outside
+    the attention function, are refused up front."""
+    from types import SimpleNamespace
+
+    from minitriton.hf import minitriton_attention
+
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                          _attn_implementation=ATTENTION_NAME)
+    cache = MiniCacheHF(cfg, [(0, 1)], window=1)
+    cache._runner = cfg
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 1):
+        for layer in (0, 1):
+            k, v = cache.update(torch.randn(1, 2, n, 16, generator=g),
+                                torch.randn(1, 2, n, 16, generator=g), layer)
+    q = torch.randn(1, 2, 1, 16, generator=g)
+    out, _ = minitriton_attention(SimpleNamespace(), q, k, v, None, scaling=0.25)
+    assert out.shape == (1, 1, 2, 16)
+    with pytest.raises(ValueError, match="value: the 'minitriton' attention got the cache's"):
+        minitriton_attention(SimpleNamespace(), q, k, v[..., :8], None, scaling=0.25)
+    for kind in ("diffllama", "doge"):
+        fake = torch.nn.Linear(1, 1)
+        fake.config = SimpleNamespace(model_type=kind)
+        with pytest.raises(ValueError, match=f"model: its attention \\('{kind}'\\) uses"):
+            use_minitriton_attention(fake)
+
+
+def test_layers_that_share_states_stay_out_of_the_plan():
+    """A model whose last num_kv_shared_layers layers reuse earlier layers' states (Gemma 3n)
+    never updates them: the default plan is the paper's over the other layers, and a plan with
+    a pair that includes one is refused by name."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_hidden_layers=10, num_kv_shared_layers=4, hidden_size=64,
+                          num_attention_heads=4)
+    assert [s.layers for s in MiniCacheHF(cfg).plan] == [(3, 4)]
+    assert [s.layers for s in MiniCacheHF(cfg, [(0, 1), (4, 5)]).plan] == [(0, 1), (4, 5)]
+    with pytest.raises(ValueError, match=r"plan: layers \[6\] never update the cache .*"
+                                         r"num_kv_shared_layers=4"):
+        MiniCacheHF(cfg, [(5, 6)])
+
+
+def test_per_layer_config_attributes_are_not_fatal():
+    """A config that raises for an attribute varying across layers (Gemma 4's per-layer
+    configs raise a non-AttributeError) is read as not giving it."""
+    class PerLayer:
+        num_hidden_layers, model_type = 4, "llama"
+
+        @property
+        def head_dim(self):
+            raise RuntimeError("'head_dim' is a per-layer attribute")
+
+    cache = MiniCacheHF(PerLayer(), [(0, 1)])
+    assert [s.layers for s in cache.plan] == [(0, 1)]

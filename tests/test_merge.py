@@ -236,6 +236,12 @@ def test_gamma_endpoints(backend, device):
     m = minitriton.merge(xp, xc, 0.6, 1.0)
     # All but each row's least distant token (random data: one token per row at d_min).
     assert (m.retained.sum(-1) == 40).all()
+    # The least gamma above 0 still retains each row's most distant token (its threshold
+    # would round to d_max in float32), as the reference does.
+    for g in (1e-7, 1e-12, 5e-324):
+        r = minitriton.merge(xp, xc, 0.6, g).retained
+        assert (r.sum(-1) == 1).all(), g
+        assert r.cpu().numpy().tolist() == merge_ref(xp, xc, 0.6, g)["retained"].tolist(), g
 
 
 def test_reference_gamma_endpoints():
@@ -1199,7 +1205,7 @@ def test_launch_grids_fit_cuda_limits(monkeypatch):
     import minitriton.kernels.merge as kmerge
     import minitriton.kernels.restore as krestore
 
-    grids = {"merge": [], "restore": []}
+    grids = {"merge": [], "restore": [], "mark": [], "number": []}
 
     class Recorder:
         def __init__(self, name):
@@ -1207,19 +1213,29 @@ def test_launch_grids_fit_cuda_limits(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                grids[self.name].append(grid(dict(BLOCK_S=8, **kwargs)))
+                grids[self.name].append(grid(dict(BLOCK_S=8, **kwargs)) if callable(grid)
+                                        else grid)
                 if self.name == "merge":   # d, d_min, d_max: nothing retained
                     for y in args[5:8]:
                         y.fill_(0.0)
+                elif self.name == "mark":  # flags and counts: nothing retained
+                    for y in args[6:8]:
+                        y.fill_(0)
+                elif self.name == "number":
+                    args[2].fill_(-1)
             return launch
 
     monkeypatch.setattr(kmerge, "_merge_autotuned", Recorder("merge"))
+    monkeypatch.setattr(kmerge, "_mark_kernel", Recorder("mark"))
+    monkeypatch.setattr(kmerge, "_number_kernel", Recorder("number"))
     monkeypatch.setattr(krestore, "_restore_autotuned", Recorder("restore"))
     x = torch.ones(70000, 2, 17, 16)
     m = kmerge.merge_triton(x, x, 0.6, 0.0, "norm")
     krestore.restore_triton(m)
+    # (marking and numbering: one program per MARK_TOKENS tokens of a row, on axis x)
     assert grids == {"merge": [(3, 2, 65535), (3, 2, 4465)],
-                     "restore": [(3, 2, 65535), (3, 2, 4465)]}
+                     "restore": [(3, 2, 65535), (3, 2, 4465)],
+                     "mark": [(140000,)], "number": [(140000,)]}
     with pytest.raises(ValueError, match="H=65536 heads"):
         kmerge.merge_triton(torch.ones(1, 65536, 1, 16), torch.ones(1, 65536, 1, 16), 0.6, 0.0,
                             "norm")
@@ -1241,6 +1257,35 @@ def test_batch_chunked_launches(device, monkeypatch):
     for a, b in zip(minitriton.restore(parts), restore_whole := minitriton.restore(whole)):
         assert torch.equal(a, b)
     assert torch.equal(minitriton.restore(parts, "cur"), restore_whole[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_marking_across_tiles(device, monkeypatch, dtype):
+    """The mark and number kernels cut each row into tiles of MARK_TOKENS tokens, numbered from
+    the retained tokens of the tiles before: with tiles of 8 tokens (rows of 3-4 tiles, and
+    masks, keep and the half-precision range rule), slots, store and everything else equal
+    the marking of whole rows in one tile."""
+    import minitriton.kernels.merge as kmerge
+
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    xp, xc = make_pair(3, 2, 29, 32, dtype, device, seed=9, outliers=3, layout="bshd")
+    if dtype == torch.float16:   # a pair beyond the dtype's range, retained whatever gamma
+        big = torch.finfo(dtype).max * 0.75   # (|x| = 1.3 x the largest number)
+        xp[1, 0, 17, :3] = big
+        xc[1, 0, 17, :3] = big
+    mask = torch.ones(3, 29, dtype=torch.bool, device=device)
+    mask[2, :11] = False
+    keep = torch.zeros(3, 29, dtype=torch.bool, device=device)
+    keep[0, 9:12] = True
+    for kw in ({}, dict(mask=mask), dict(keep=keep, mask=mask)):
+        whole = minitriton.merge(xp, xc, 0.6, 0.3, "projection", **kw)
+        with monkeypatch.context() as m:
+            m.setattr(kmerge, "MARK_TOKENS", 8)
+            tiled = minitriton.merge(xp, xc, 0.6, 0.3, "projection", **kw)
+        assert 0 < tiled.num_retained < 3 * 2 * 29
+        assert bool(tiled.retained[1, 0, 17]) or dtype != torch.float16
+        for a, b in zip(whole.tensors(), tiled.tensors()):
+            assert torch.equal(a, b)
 
 
 def test_pair_saves_loads_and_compares(tmp_path):
@@ -1265,3 +1310,31 @@ def test_pair_saves_loads_and_compares(tmp_path):
     assert m in pairs and pairs.index(m) == 3 and len({m, m, copies[0]}) == 2
     for a, b in zip(minitriton.restore(copies[0]), minitriton.restore(m)):
         assert torch.equal(a, b)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass, as a framework might pass."""
+
+
+def test_plain_settings_and_tensors_from_any_input(backend, device, tmp_path):
+    """Settings given as numpy scalars and inputs of a tensor subclass (or Parameters) give a
+    pair of plain floats, str and tensors, on both backends, which loads with weights_only; a
+    hand-built pair stores plain settings too; decode's output is a plain tensor."""
+    x_prev, x_cur = make_pair(1, 2, 9, 16, torch.float32, device, seed=4)
+    m = minitriton.merge(x_prev.as_subclass(_Tagged), torch.nn.Parameter(x_cur), np.float64(0.3),
+                         np.float32(0.5), np.str_("projection"))
+    assert m.num_retained > 0
+    assert all(type(x) is torch.Tensor for x in m.tensors())
+    assert [type(v) for v in (m.t, m.gamma, m.magnitude)] == [float, float, str]
+    ref = minitriton.merge(x_prev, x_cur, 0.3, 0.5, "projection")
+    assert all(torch.equal(a, b) for a, b in zip(m.tensors(), ref.tensors()))
+    torch.save(m.to("cpu"), tmp_path / "pair.pt")
+    loaded = torch.load(tmp_path / "pair.pt", weights_only=True)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(loaded.tensors(), m.tensors()))
+    hand = dataclasses.replace(m, t=np.float32(0.25), gamma=np.float64(0.5),
+                               magnitude=np.str_("norm"))
+    assert [type(v) for v in (hand.t, hand.gamma, hand.magnitude)] == [float, float, str]
+    q = torch.randn(1, 4, 16, device=device).as_subclass(_Tagged)
+    tail = torch.randn(1, 2, 3, 16, device=device).as_subclass(_Tagged)
+    o = minitriton.decode_attention(q, m, m, layer="cur", k_tail=tail, v_tail=tail)
+    assert type(o) is torch.Tensor

@@ -61,8 +61,9 @@ def block_d(D: int) -> int:
 
 def pick_configs(full: list, single: triton.Config) -> list:
     """Autotune configs: the full list on a GPU; a single one under the interpreter (which
-    cannot benchmark: it has no active driver) or with MINITRITON_AUTOTUNE=0 (read at import;
-    e.g. for test runs on a GPU, where autotuning every drawn shape costs minutes)."""
+    cannot benchmark: it has no active driver) or with MINITRITON_AUTOTUNE=0 (read when the
+    kernels are built, at the first Triton call; e.g. for test runs on a GPU, where
+    autotuning every drawn shape costs minutes)."""
     if interpreter_enabled() or os.environ.get("MINITRITON_AUTOTUNE", "1") == "0":
         return [single]
     return full

@@ -3,8 +3,12 @@
 Pass 1 (`_merge_kernel`, one program per BLOCK_S tokens of one (b, h) row) reads each input
 once and writes e, both magnitudes, the angular distance d, and the row's running d_min / d_max
 (float atomics: min / max are exact and order independent, so results do not depend on the
-schedule). A light torch pass over d (4 bytes a token) marks the retained tokens and numbers
-them; `_gather_kernel` then reads only the retained tokens again and writes the compact store.
+schedule). `_mark_kernel` reads d (and, in float16/bfloat16, the magnitudes, for the range rule)
+once and writes a flag byte per token and a count per tile of tokens; the counts' prefix sum
+gives each tile its first row of the store, and N; `_number_kernel` reads the flags and writes
+the slots and the retained tokens' indices; `_gather_kernel` then reads only the retained tokens
+again and writes the compact store. With a padding mask or kept tokens, `_extremes_kernel`
+first takes each row's extremes again over the tokens that count (d and the masks, once).
 
 A token pair with a NaN or inf component, or with a vector longer than float32's largest number,
 has no angle: pass 1 gives it d = NaN (its norm is NaN, and NaN propagates through the
@@ -170,6 +174,77 @@ _merge_autotuned = token_tile_autotune(_merge_kernel, _prune,
                                        restore_value=("dmin_ptr", "dmax_ptr"))
 
 
+@triton.jit(do_not_specialize=["S", "n_tiles"])
+def _extremes_kernel(
+    d_ptr, mask_ptr, keep_ptr, dmin_ptr, dmax_ptr, H, S, n_tiles, sm_b, sm_s, sk_b, sk_s,
+    HAS_MASK: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """A row's d_min / d_max over the tokens that count (with an angle, not padding, not
+    kept), folded with float atomics from BLOCK_S tokens of one (b, h) row (program
+    `row * n_tiles + tile`) into extremes that start at 2 / -1."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_tiles                  # b * H + h
+    o_s = (pid % n_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = o_s < S
+    d = tl.load(d_ptr + row * S + o_s, mask=m_s, other=float("nan"))
+    counted = d == d
+    i_b = row // H
+    if HAS_MASK:
+        counted = counted & (tl.load(mask_ptr + i_b * sm_b + o_s * sm_s, mask=m_s, other=0) != 0)
+    if HAS_KEEP:
+        counted = counted & (tl.load(keep_ptr + i_b * sk_b + o_s * sk_s, mask=m_s, other=1) == 0)
+    tl.atomic_min(dmin_ptr + row, tl.min(tl.where(counted, d, 2.0), axis=0))
+    tl.atomic_max(dmax_ptr + row, tl.max(tl.where(counted, d, -1.0), axis=0))
+
+
+@triton.jit(do_not_specialize=["S", "n_tiles"])
+def _mark_kernel(
+    d_ptr, thr_ptr, magp_ptr, magc_ptr, mask_ptr, keep_ptr, flag_ptr, count_ptr,
+    H, S, n_tiles, sm_b, sm_s, sk_b, sk_s, MAG_MAX,
+    RANGE_RULE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Mark BLOCK_S tokens of one (b, h) row (program `row * n_tiles + tile`): retained iff
+    not d <= thr (NaN d, no angle, is retained); with RANGE_RULE also where a magnitude is
+    beyond MAG_MAX (float16/bfloat16); with HAS_MASK padding only when it has no angle; with
+    HAS_KEEP every kept token. Writes the flags (int8) and the tile's count."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_tiles                  # b * H + h
+    o_s = (pid % n_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = o_s < S
+    tok = row * S + o_s
+    d = tl.load(d_ptr + tok, mask=m_s, other=0.0)
+    ret = (d <= tl.load(thr_ptr + row)) == 0
+    if RANGE_RULE:
+        top = tl.maximum(tl.abs(tl.load(magp_ptr + tok, mask=m_s, other=0.0)),
+                         tl.abs(tl.load(magc_ptr + tok, mask=m_s, other=0.0)))
+        ret = ret | (top > MAG_MAX)
+    i_b = row // H
+    if HAS_MASK:
+        token = tl.load(mask_ptr + i_b * sm_b + o_s * sm_s, mask=m_s, other=1) != 0
+        ret = ret & (token | (d != d))
+    if HAS_KEEP:
+        ret = ret | (tl.load(keep_ptr + i_b * sk_b + o_s * sk_s, mask=m_s, other=0) != 0)
+    ret = ret & m_s
+    tl.store(flag_ptr + tok, ret.to(tl.int8), mask=m_s)
+    tl.store(count_ptr + pid, tl.sum(ret.to(tl.int32), axis=0))
+
+
+@triton.jit(do_not_specialize=["S", "n_tiles"])
+def _number_kernel(flag_ptr, start_ptr, slot_ptr, idx_ptr, S, n_tiles, BLOCK_S: tl.constexpr):
+    """Number the marked tokens of one tile from the tile's start (the retained tokens before
+    it in (b, h, s) order): slot = the token's row of the store, -1 if merged; idx[slot] = the
+    token's flat index (b*H + h)*S + s, which the gather reads."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_s = (pid % n_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = o_s < S
+    tok = (pid // n_tiles) * S + o_s
+    flag = tl.load(flag_ptr + tok, mask=m_s, other=0).to(tl.int32)
+    row = tl.load(start_ptr + pid) + (tl.cumsum(flag, axis=0) - flag)      # int64
+    tl.store(slot_ptr + tok, tl.where(flag != 0, row, -1).to(tl.int32), mask=m_s)
+    tl.store(idx_ptr + row, tok, mask=m_s & (flag != 0))
+
+
 @triton.jit
 def _gather_kernel(
     xp_ptr, xc_ptr, idx_ptr, kp_ptr, kc_ptr, e_ptr, magp_ptr, magc_ptr, d_ptr,
@@ -202,16 +277,72 @@ def _gather_kernel(
 
 
 GATHER_ROWS = 16
+MARK_TOKENS = 1024   # tokens per program of the mark and number kernels
 
 
-def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, retained: torch.Tensor,
+def _mask_args(mask, keep, placeholder):
+    """(mask, keep) pointers and strides for the kernels: bool `[B, S]` tensors read as bytes;
+    an absent one is a placeholder never loaded."""
+    parts = [(x.view(torch.uint8), *x.stride()) if x is not None else (placeholder, 0, 0)
+             for x in (mask, keep)]
+    return parts[0][0], parts[1][0], parts[0][1], parts[0][2], parts[1][1], parts[1][2]
+
+
+def counted_extremes_triton(d, mask, keep):
+    """float32 `[B, H]` d_min, d_max over the tokens that count (with an angle, not padding,
+    not kept): one pass over d (4 bytes a token) and the masks. 2 / -1 for a row with none."""
+    B, H, S = d.shape
+    d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=d.device)
+    d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=d.device)
+    n_tiles = triton.cdiv(S, MARK_TOKENS)
+    if B * H * n_tiles:
+        m, k, sm_b, sm_s, sk_b, sk_s = _mask_args(mask, keep, d)
+        _extremes_kernel[(B * H * n_tiles,)](d, m, k, d_min, d_max, H, S, n_tiles, sm_b, sm_s,
+                                             sk_b, sk_s, HAS_MASK=mask is not None,
+                                             HAS_KEEP=keep is not None, BLOCK_S=MARK_TOKENS,
+                                             num_warps=4)
+    return d_min, d_max
+
+
+def select_retained_triton(x_prev, x_cur, e, mag_p, mag_c, d, thr, bound, mask, keep):
+    """Mark, number and gather the retained tokens: `(slot, kept_prev, kept_cur)`.
+
+    The mark kernel reads d (and, in float16/bfloat16, the magnitudes) once and writes a flag
+    byte and a count per tile; the counts' prefix sum gives each tile its first row of the
+    store and N, read on the host (the one synchronisation of merge, to size the store); the
+    number kernel reads the flags and writes the slots and the retained tokens' indices, and
+    the gather reads only those tokens again. Tokens without an angle (d = NaN) get e and
+    magnitudes 0 there."""
+    B, H, S, D = x_prev.shape
+    dev = x_prev.device
+    slot = torch.empty((B, H, S), dtype=torch.int32, device=dev)
+    n_tiles = triton.cdiv(S, MARK_TOKENS)
+    grid = (B * H * n_tiles,)
+    if grid[0] == 0:
+        idx = torch.empty(0, dtype=torch.int64, device=dev)
+    else:
+        flag = torch.empty((B, H, S), dtype=torch.int8, device=dev)
+        counts = torch.empty(grid[0], dtype=torch.int32, device=dev)
+        m, k, sm_b, sm_s, sk_b, sk_s = _mask_args(mask, keep, flag)
+        _mark_kernel[grid](d, thr, mag_p, mag_c, m, k, flag, counts, H, S, n_tiles, sm_b, sm_s,
+                           sk_b, sk_s, 0.0 if bound is None else bound,
+                           RANGE_RULE=bound is not None,
+                           HAS_MASK=mask is not None, HAS_KEEP=keep is not None,
+                           BLOCK_S=MARK_TOKENS, num_warps=4)
+        ends = torch.cumsum(counts, 0, dtype=torch.int64)
+        idx = torch.empty(int(ends[-1]), dtype=torch.int64, device=dev)   # (synchronises)
+        _number_kernel[grid](flag, ends - counts, slot, idx, S, n_tiles, BLOCK_S=MARK_TOKENS,
+                             num_warps=4)
+    return (slot, *gather_retained_triton(x_prev, x_cur, idx, e, mag_p, mag_c, d))
+
+
+def gather_retained_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, idx: torch.Tensor,
                            e: torch.Tensor, mag_p: torch.Tensor, mag_c: torch.Tensor,
                            d: torch.Tensor):
-    """The retained tokens' originals `[N, D]` each, rows in (b, h, s) order; e and magnitudes
-    of those whose d (pass 1's, `[B, H, S]`) is NaN are set to 0 in place. Reads N on the host
-    (the one synchronisation of merge)."""
+    """The originals `[N, D]` each of the tokens `idx` (int64 `[N]`, flat (b, h, s) indices in
+    increasing order); e and magnitudes of those whose d (pass 1's, `[B, H, S]`) is NaN are
+    set to 0 in place."""
     B, H, S, D = x_prev.shape
-    idx = torch.nonzero(retained.reshape(-1)).reshape(-1)                    # int64 [N]
     N = idx.numel()
     kept_prev = torch.empty((N, D), dtype=x_prev.dtype, device=x_prev.device)
     kept_cur = torch.empty_like(kept_prev)
@@ -243,8 +374,9 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
                 H, S, D, *x_prev.stride(), *x_cur.stride(), t,
                 PROJECTION=magnitude == "projection", BLOCK_D=block_d(D))
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                        d_range, gather=lambda xp, xc, retained: gather_retained_triton(
-                            xp, xc, retained, e, mag_p, mag_c, d), mask=mask, keep=keep)
+                        d_range, lambda thr, bound, mask, keep: select_retained_triton(
+                            x_prev, x_cur, e, mag_p, mag_c, d, thr, bound, mask, keep),
+                        mask=mask, keep=keep, counted_extremes=counted_extremes_triton)
 
 
 def aot_specs() -> list:
@@ -278,7 +410,28 @@ def aot_specs() -> list:
                    **strides, "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
             specs.append((f"gather[{dt},BD={bd}]", _gather_kernel, sig,
                           {"BLOCK_R": GATHER_ROWS, "BLOCK_D": bd}, 4, 3))
+    sig = {"d_ptr": "*fp32", "thr_ptr": "*fp32", "magp_ptr": "*fp32", "magc_ptr": "*fp32",
+           "mask_ptr": "*u8", "keep_ptr": "*u8", "flag_ptr": "*i8", "count_ptr": "*i32",
+           "H": "i32", "S": "i32", "n_tiles": "i32", "sm_b": "i32", "sm_s": "i32",
+           "sk_b": "i32", "sk_s": "i32", "MAG_MAX": "fp32", "RANGE_RULE": "constexpr",
+           "HAS_MASK": "constexpr", "HAS_KEEP": "constexpr", "BLOCK_S": "constexpr"}
+    for flags in range(8):
+        rule, mask, keep = bool(flags & 4), bool(flags & 2), bool(flags & 1)
+        specs.append((f"mark[range={int(rule)},mask={int(mask)},keep={int(keep)}]", _mark_kernel,
+                      sig, {"RANGE_RULE": rule, "HAS_MASK": mask, "HAS_KEEP": keep,
+                            "BLOCK_S": MARK_TOKENS}, 4, 3))
+    sig = {"d_ptr": "*fp32", "mask_ptr": "*u8", "keep_ptr": "*u8", "dmin_ptr": "*fp32",
+           "dmax_ptr": "*fp32", "H": "i32", "S": "i32", "n_tiles": "i32", "sm_b": "i32",
+           "sm_s": "i32", "sk_b": "i32", "sk_s": "i32", "HAS_MASK": "constexpr",
+           "HAS_KEEP": "constexpr", "BLOCK_S": "constexpr"}
+    for mask, keep in ((True, False), (False, True), (True, True)):
+        specs.append((f"extremes[mask={int(mask)},keep={int(keep)}]", _extremes_kernel, sig,
+                      {"HAS_MASK": mask, "HAS_KEEP": keep, "BLOCK_S": MARK_TOKENS}, 4, 3))
+    sig = {"flag_ptr": "*i8", "start_ptr": "*i64", "slot_ptr": "*i32", "idx_ptr": "*i64",
+           "S": "i32", "n_tiles": "i32", "BLOCK_S": "constexpr"}
+    specs.append(("number", _number_kernel, sig, {"BLOCK_S": MARK_TOKENS}, 4, 3))
     return specs
 
 
-__all__ = ["merge_triton", "gather_retained_triton", "aot_specs"]
+__all__ = ["merge_triton", "counted_extremes_triton", "select_retained_triton",
+           "gather_retained_triton", "aot_specs"]
