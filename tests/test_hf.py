@@ -719,3 +719,21 @@ def test_per_layer_config_attributes_are_not_fatal():
 
     cache = MiniCacheHF(PerLayer(), [(0, 1)])
     assert [s.layers for s in cache.plan] == [(0, 1)]
+
+
+def test_the_running_model_is_forgotten_after_a_failed_forward():
+    """The hook that names the running model to the cache is undone when the forward raises."""
+    from types import SimpleNamespace
+
+    class Failing(torch.nn.Module):
+        config = SimpleNamespace(num_hidden_layers=2, _attn_implementation=ATTENTION_NAME)
+
+        def forward(self, input_ids=None, past_key_values=None):
+            assert past_key_values._runner is self.config
+            raise RuntimeError("boom")
+
+    model = track_padding(Failing())
+    cache = MiniCacheHF(None, [], num_layers=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=torch.ones(1, 2), past_key_values=cache)
+    assert cache._runner is None
