@@ -222,6 +222,7 @@ class MiniCacheHF(Cache):
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
         self._runner = None     # the config of the model whose forward is running, if hooked
+        self._outer_runners: list = []   # those of the forwards it runs within (nested calls)
         super().__init__(layers=[MiniCacheLayer(self, i) for i in range(num_layers)])
 
     def __getstate__(self):
@@ -230,7 +231,7 @@ class MiniCacheHF(Cache):
         of the next forward)."""
         state = self.__dict__.copy()
         state["_mask_memo"] = None
-        state["_runner"] = None
+        state["_runner"], state["_outer_runners"] = None, []
         return state
 
     @property
@@ -508,23 +509,28 @@ def _call_cache(module, args, kwargs):
 def _hand_over_mask(module, args, kwargs):
     """Forward pre-hook: the call's 2-D attention mask to the MiniCacheHF it uses, read as
     transformers reads it (nonzero for a token, whatever its dtype); None for a call without
-    one, or with a 4-D mask, which says nothing about padding positions. The cache also learns
-    the running model's config (whether its attention is "minitriton") until the forward
-    ends."""
+    one, or with a 4-D mask, which says nothing about padding positions (a call nested in a
+    hooked forward, e.g. a causal LM's decoder, keeps the outer call's mask). The cache also
+    learns the running model's config (whether its attention is "minitriton") until the
+    forward ends."""
     cache, named = _call_cache(module, args, kwargs)
     if cache is not None:
+        nested = bool(cache._outer_runners)
+        cache._outer_runners.append(cache._runner)   # (first: `_forward_done` pops it, always)
+        cache._runner = getattr(module, "config", None)
         _check_fits(module, cache)
         mask = named.get("attention_mask")
-        cache.set_attention_mask(mask != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2
-                                 else None)
-        cache._runner = getattr(module, "config", None)
+        if not nested:
+            cache.set_attention_mask(mask != 0 if isinstance(mask, torch.Tensor)
+                                     and mask.dim() == 2 else None)
 
 
 def _forward_done(module, args, kwargs, output):
-    """Forward hook (run on errors too): the forward's cache no longer runs under it."""
+    """Forward hook (run on errors too): the forward's cache runs under the forward it was
+    called from again (hooked models nest: a causal LM and its decoder), or under none."""
     cache, _ = _call_cache(module, args, kwargs)
     if cache is not None:
-        cache._runner = None
+        cache._runner = cache._outer_runners.pop() if cache._outer_runners else None
 
 
 _HOOK_ATTR = "_minitriton_padding_hook"
@@ -534,8 +540,11 @@ def track_padding(model):
     """Hand every forward's 2-D attention mask to the MiniCacheHF it uses (passed as
     `past_key_values=` or `cache=`), before the forward runs: merges then leave padding out
     of the retention (with W = 1, a left-padded row then holds, at its tokens, what it holds
-    unpadded, in slerp pairs; see `MiniCache.set_attention_mask`). Installed once
-    per model (a forward pre-hook; calling it again changes nothing); other caches are left
+    unpadded, in slerp pairs; see `MiniCache.set_attention_mask`). The same hooks tell the
+    cache which model runs the forward (whether a step may run fused: `MiniCacheHF._fused`).
+    Installed once per model, on the model and on its decoder (`get_decoder()`), so that
+    `model(...)`, `model.forward(...)` and calls of the decoder itself are seen (a forward
+    pre-hook and a forward hook; calling it again changes nothing); other caches are left
     alone. Returns the model.
 
     Example:
@@ -544,10 +553,15 @@ def track_padding(model):
         >>> cache = MiniCacheHF(model.config)
         >>> out = track_padding(model).generate(**enc, **cache_kwargs(model, cache))
     """
-    if getattr(model, _HOOK_ATTR, None) is None:
-        setattr(model, _HOOK_ATTR,
-                (model.register_forward_pre_hook(_hand_over_mask, with_kwargs=True),
-                 model.register_forward_hook(_forward_done, with_kwargs=True, always_call=True)))
+    modules = [model]
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        modules.append(decoder)   # (calls of `model.forward` or of the decoder itself)
+    for module in modules:
+        if getattr(module, _HOOK_ATTR, None) is None:
+            setattr(module, _HOOK_ATTR, (
+                module.register_forward_pre_hook(_hand_over_mask, with_kwargs=True),
+                module.register_forward_hook(_forward_done, with_kwargs=True, always_call=True)))
     return model
 
 

@@ -656,9 +656,13 @@ def test_the_running_model_decides_fused_decode(model):
     try:
         use_minitriton_attention(model)
         out = _generate(model, ids, cache, n=4)
+        assert cache.fused_steps == 3 * 2 and cache._runner is None   # (3 steps x 2 layers)
+        with torch.no_grad():   # the model's forward called directly, and its decoder: seen too
+            for step, call in enumerate((model.forward, model.get_decoder())):
+                call(input_ids=_ids(1, seed=20 + step), **cache_kwargs(model, cache))
+                assert cache.fused_steps == (4 + step) * 2 and cache._runner is None
     finally:
         model.set_attn_implementation(cfg_attn)
-    assert cache.fused_steps == 3 * 2 and cache._runner is None     # (3 steps x 2 layers)
     assert torch.equal(out, _generate(model, ids, MiniCacheHF(model.config, window=2), n=4))
 
 
@@ -737,3 +741,33 @@ def test_the_running_model_is_forgotten_after_a_failed_forward():
     with pytest.raises(RuntimeError, match="boom"):
         model(input_ids=torch.ones(1, 2), past_key_values=cache)
     assert cache._runner is None
+
+
+def test_nested_forwards_restore_the_running_model():
+    """A hooked module called inside another's forward with the same cache hands the running
+    model back to the outer forward when it returns."""
+    from types import SimpleNamespace
+
+    outer_cfg = SimpleNamespace(num_hidden_layers=2, _attn_implementation=ATTENTION_NAME)
+    seen = []
+
+    class Inner(torch.nn.Module):
+        config = SimpleNamespace(num_hidden_layers=2, _attn_implementation="sdpa")
+
+        def forward(self, input_ids=None, past_key_values=None):
+            seen.append(past_key_values._runner)
+
+    class Outer(torch.nn.Module):
+        config = outer_cfg
+
+        def __init__(self):
+            super().__init__()
+            self.inner = track_padding(Inner())
+
+        def forward(self, input_ids=None, past_key_values=None):
+            self.inner(input_ids=input_ids, past_key_values=past_key_values)
+            seen.append(past_key_values._runner)
+
+    cache = MiniCacheHF(None, [], num_layers=2)
+    track_padding(Outer())(input_ids=torch.ones(1, 2), past_key_values=cache)
+    assert seen == [Inner.config, outer_cfg] and cache._runner is None
