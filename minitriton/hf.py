@@ -170,8 +170,9 @@ class MiniCacheHF(Cache):
     """A transformers `Cache` that merges the KV states of adjacent layer pairs (MiniCache).
 
     Args:
-        config: the model's config (its text config gives the number of layers and, at run time,
-            whether the model uses the "minitriton" attention), or None with `num_layers`.
+        config: the model's config (its text config gives the number of layers, the head dim
+            and any layers that share states), or None with `num_layers`. Whether a step runs
+            fused is read from the running model instead (see `fused_decode`).
         plan: as for `MiniCache`: None (the paper's pairs from L // 2), a `MergePlan`, a list of
             `(l, l + 1)` / `PairSpec`, or [] for no merging.
         num_layers, t, gamma, magnitude, sink, window: as for `MiniCache` (num_layers, when
@@ -217,7 +218,6 @@ class MiniCacheHF(Cache):
                              f"them; merge layers below {shared.start}")
         if config is not None and self.core.merges:
             _check_head_dim(config)
-        self._config = config
         self.fused_decode = check_bool("fused_decode", fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)
