@@ -26,6 +26,11 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     A token pair is retained (kept as it was, in both layers) iff
     `d > d_max - (d_max - d_min) * gamma`, with d_min / d_max the extremes of its (b, h) row.
 
+    Accuracy: float32 arithmetic throughout. Near Omega = pi the direction itself is ill
+    conditioned (the plane of two nearly antiparallel vectors turns by ~eps / (pi - Omega) when
+    either moves by eps), and e's relative error grows to that order (~1e-4 at pi - 1e-3 rad);
+    such a pair is usually its row's most distant, retained for any gamma > 0.
+
     Args:
         x_prev, x_cur: `[B, H, S, D]` states of layer l-1 and layer l; float16, bfloat16 or
             float32 (the same), on one device, any strides (never copied to contiguous).
