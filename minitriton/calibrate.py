@@ -8,6 +8,8 @@ windows (by default tokens from 768 * 4 on; the eval windows end there):
 
 1. Screen: every adjacent pair (l, l+1) alone, with one setting, scored on short windows
    (two windows, 128 continuation tokens): the cost (increase in PPL) of merging that pair.
+   (Only layers that update the cache: a model's last `num_kv_shared_layers` layers, which
+   reuse earlier layers' states, are in no pair.)
 2. Settings: for the cheapest pairs, a small grid of per-pair settings (t in {0, 0.6, 1},
    magnitude norm / projection); the cheapest setting wins. gamma stays small (0.05): retaining
    tokens costs 2 x D values each, so gamma = 0.3 (15-19% retained on this model) cancels most
@@ -66,11 +68,14 @@ def similarity(states_by_window) -> list[dict]:
     """Per adjacent pair (l, l+1): mean cosine similarity of the two layers' keys and values
     (over windows, heads, tokens), and the mean angular distance d = arccos(cos) / pi of keys.
 
-    states_by_window: a list (one per window) of per-layer `(k, v)` `[B, H, S, D]` states.
+    states_by_window: a list (one per window) of per-layer `(k, v)` `[B, H, S, D]` states
+    (a pair with a layer whose states are None, one that never updates the cache, is left out).
     """
     L = len(states_by_window[0])
     out = []
     for l in range(L - 1):
+        if any(states[i][0] is None for states in states_by_window for i in (l, l + 1)):
+            continue   # (a layer that reuses another's states has none of its own)
         kc = vc = kd = 0.0
         for states in states_by_window:
             (k0, v0), (k1, v1) = states[l], states[l + 1]
@@ -165,7 +170,9 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
     ids = _token_ids(ids)
     wins = token_windows(ids, n_windows, start=start)
     screen = token_windows(ids, min(n_windows, 2), start=start, continuation=128)
+    from .hf import _updating_layers
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    updating = _updating_layers(model.config)   # (the layers a pair may include)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -184,7 +191,7 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
     base_screen = run(screen, pre_screen, {"full": MergePlan([])})["full"]["ppl"]
     spec0 = dict(t=SETTINGS[0][0], magnitude=SETTINGS[0][1], gamma=gamma, sink=sink)
     screened = run(screen, pre_screen, {l: MergePlan([PairSpec(l, **spec0)])
-                                        for l in range(num_layers - 1)})
+                                        for l in range(updating - 1)})
     cost = {l: 100 * (r["ppl"] / base_screen - 1) for l, r in screened.items()}
     best = {l: PairSpec(l, **spec0) for l in cost}
 
@@ -201,7 +208,7 @@ def calibrate(model, tokenizer, text: Optional[str] = None, *, ids=None,
             cost[l], best[l] = c, PairSpec(l, t=t, magnitude=mag, gamma=gamma, sink=sink)
 
     # 3. assemble, cheapest first, measuring the whole plan on the calibration windows
-    ref = run(wins, pre, {"full": MergePlan([]), "paper": MergePlan.paper(num_layers)})
+    ref = run(wins, pre, {"full": MergePlan([]), "paper": MergePlan.paper(updating)})
     full_ppl = ref["full"]["ppl"]
     target = match_compression or ref["paper"]["compression"]
     chosen, order, curve = [], [], [(0, 1.0, full_ppl)]

@@ -68,14 +68,24 @@ def token_windows(ids, n_windows: int = WINDOWS, *, start: int = 0, prefix: int 
 DEFAULT_CONFIGS = ("full", "minicache", "minicache-proj", "mean")
 
 
-def default_configs(num_layers: int, calibrated: Optional[dict] = None) -> dict:
+def default_configs(num_layers: int, calibrated: Optional[dict] = None, *,
+                    updating: Optional[int] = None) -> dict:
     """The compared plans: full, minicache (paper: pairs from L // 2, t=0.6, gamma=0.05, norm),
-    minicache-proj, mean (the paper's averaging baseline, same pairs), and any calibrated ones."""
+    minicache-proj, mean (the paper's averaging baseline, same pairs), and any calibrated ones.
+
+    `updating`: how many leading layers update the cache (default all `num_layers`); a model
+    whose last layers reuse earlier layers' states (`num_kv_shared_layers`, Gemma 3n) has
+    the paper's pairs taken over the others, with L the number of those, as `MiniCacheHF`
+    does (`evaluate` passes it from the model's config)."""
+    num_layers = check_index("num_layers", num_layers, low=1)
+    L = num_layers if updating is None else check_index("updating", updating, low=1)
+    if L > num_layers:
+        raise ValueError(f"updating: expected at most num_layers={num_layers}, got {L}")
     configs = {
         "full": MergePlan([]),
-        "minicache": MergePlan.paper(num_layers),
-        "minicache-proj": MergePlan.paper(num_layers, magnitude="projection"),
-        "mean": MergePlan.paper(num_layers, method="mean"),
+        "minicache": MergePlan.paper(L),
+        "minicache-proj": MergePlan.paper(L, magnitude="projection"),
+        "mean": MergePlan.paper(L, method="mean"),
     }
     configs.update(calibrated or {})
     return configs
@@ -95,7 +105,8 @@ def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.
 @torch.no_grad()
 def prefill(model, prefix: torch.Tensor):
     """Run the prefix once: `(last_logits [1, V], states)`, states = [(k, v)] per layer as the
-    model's attention layers handed them to the cache, `[1, H, PREFIX, D]`.
+    model's attention layers handed them to the cache, `[1, H, PREFIX, D]` ((None, None) for
+    a layer that reuses another's states and never updates the cache).
 
     A prefill's logits and states do not depend on the merge plan: a pair's first chunk is
     attended at full precision (see `minitriton.cache`). So one prefill serves every config:
@@ -114,7 +125,8 @@ def cache_from_states(model, plan, states, *, window: int = DEFAULT_WINDOW):
     from .hf import MiniCacheHF
     cache = MiniCacheHF(model.config, plan, window=window)
     for layer, (k, v) in enumerate(states):
-        cache.core.update(layer, k, v)
+        if k is not None:   # (None: a layer that reuses another's states never updates)
+            cache.core.update(layer, k, v)
     return cache
 
 
@@ -178,8 +190,10 @@ def evaluate(model, tokenizer, text: str, configs: Optional[dict] = None, *,
     "nbytes", "dense_nbytes", "retained" (fraction of merged token pairs kept, or None),
     "pairs" (the plan, one line per pair), "seconds"}.
     """
+    from .hf import _updating_layers
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    configs = default_configs(num_layers) if configs is None else configs
+    if configs is None:
+        configs = default_configs(num_layers, updating=_updating_layers(model.config))
     if ids is None:
         ids = tokenizer(text).input_ids
     wins = token_windows(ids, n_windows)

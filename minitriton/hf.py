@@ -152,18 +152,52 @@ def _kv_shared_layers(text, num_layers: int) -> range:
     return range(num_layers - shared, num_layers)
 
 
-def _check_head_dim(config) -> None:
-    """A plan that merges needs a head dim that merge supports: known from the config, so a
-    model that cannot be merged is refused before its first forward."""
-    from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+def _updating_layers(config) -> int:
+    """How many leading layers of the model update the cache: all but the last
+    `num_kv_shared_layers` (e.g. Gemma 3n), which reuse earlier layers' states."""
     text = _text_config(config)
+    L = _attr(text, "num_hidden_layers")
+    return _kv_shared_layers(text, L).start if isinstance(L, int) and L > 0 else L
+
+
+def _layer_shape(text, layer: int):
+    """(head dim, KV heads) of `layer` as its config gives them (None where it does not):
+    from the layer's own config where head dims vary across layers (Gemma 4's
+    `per_layer_config`), else from the model's."""
+    per = _attr(text, "per_layer_config")
+    if per is not None:
+        try:
+            text = per[layer]
+        except Exception:   # (no such layer, or not indexable: the model's own values)
+            pass
     D = _attr(text, "head_dim")
     heads, hidden = _attr(text, "num_attention_heads"), _attr(text, "hidden_size")
     if D is None and isinstance(heads, int) and heads and isinstance(hidden, int):
         D = hidden // heads
-    if isinstance(D, int) and not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"config: head dim {D} cannot be merged (merge supports "
-                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]); use plan=[] for a dense cache")
+    kv = _attr(text, "num_key_value_heads")
+    return (D if isinstance(D, int) else None, kv if isinstance(kv, int) else None)
+
+
+def _check_layer_shapes(config, plan) -> None:
+    """A pair's two layers must hold states of one shape, and a slerp pair a head dim that
+    merge supports: both known from the config, so a plan that cannot run is refused before
+    the first forward (which would otherwise fail halfway, with some layers updated)."""
+    from ._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+    text = _text_config(config)
+    for spec in plan:
+        (d_p, h_p), (d_c, h_c) = (_layer_shape(text, layer) for layer in spec.layers)
+        for name, a, b in (("head dim", d_p, d_c), ("KV heads", h_p, h_c)):
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"plan: pair {spec.layers} joins layers of different shapes "
+                                 f"({name} {a} in layer {spec.prev}, {b} in layer {spec.cur}); "
+                                 f"pair layers of one shape")
+        if spec.method != "slerp":
+            continue
+        for layer, D in zip(spec.layers, (d_p, d_c)):
+            if D is not None and not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+                raise ValueError(f"config: head dim {D} (layer {layer}) cannot be merged "
+                                 f"(merge supports [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]); use "
+                                 f"plan=[] for a dense cache, or pair other layers")
 
 
 class MiniCacheHF(Cache):
@@ -216,8 +250,8 @@ class MiniCacheHF(Cache):
                              f"{len(shared)} layers reuse earlier layers' states: "
                              f"num_kv_shared_layers={len(shared)}), so no pair can include "
                              f"them; merge layers below {shared.start}")
-        if config is not None and self.core.merges:
-            _check_head_dim(config)
+        if config is not None:
+            _check_layer_shapes(config, self.core.plan)
         self.fused_decode = check_bool("fused_decode", fused_decode)
         self.fused_steps = 0   # layer steps that ran decode_attention (for tests and reports)
         self._mask_memo = None  # (weakref to the last attention mask, its version, open?)

@@ -15,8 +15,8 @@ from helpers import tiny_llama  # noqa: E402
 from minitriton.cache import MergePlan  # noqa: E402
 from minitriton.calibrate import calibrate, similarity  # noqa: E402
 from minitriton.cli import build_parser  # noqa: E402
-from minitriton.evaluate import (default_configs, evaluate, format_table,  # noqa: E402
-                                 score_window, token_windows)
+from minitriton.evaluate import (DEFAULT_CONFIGS, default_configs, evaluate,  # noqa: E402
+                                 format_table, score_window, token_windows)
 from minitriton.hf import MiniCacheHF, cache_kwargs  # noqa: E402
 
 L = 4
@@ -87,6 +87,38 @@ def test_calibrate_returns_a_plan_within_budget(model, ids):
         assert spec.sink == 4 and spec.method == "slerp"
     assert math.isfinite(report.seconds)
     json.loads(json.dumps(report.to_dict()))
+
+
+def test_models_with_shared_layers_evaluate_and_calibrate(ids):
+    """A model whose last layers reuse earlier layers' states (Gemma 3n, num_kv_shared_layers)
+    never updates them: evaluate's default plans and calibrate's pairs stay below them, and the
+    prefill hands the cache no states for them."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3nTextConfig(hidden_size=32, hidden_size_per_layer_input=8, num_hidden_layers=8,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            intermediate_size=64, vocab_size=64, vocab_size_per_layer_input=64,
+                            num_kv_shared_layers=4, layer_types=["full_attention"] * 8,
+                            laurel_rank=4, altup_num_inputs=2, max_position_embeddings=1024,
+                            activation_sparsity_pattern=[0.0] * 8)
+    cfg._attn_implementation = "sdpa"
+    gemma = Gemma3nForCausalLM(cfg).eval()
+    configs = default_configs(8, updating=4)
+    assert [s.layers for s in configs["minicache"]] == [(2, 3)]
+    assert [s.layers for s in configs["mean"]] == [(2, 3)]
+    with pytest.raises(ValueError, match="updating: expected at most num_layers=8, got 9"):
+        default_configs(8, updating=9)
+    r = evaluate(gemma, None, "", n_windows=1, ids=ids, progress=False)
+    assert list(r) == list(DEFAULT_CONFIGS)
+    assert r["minicache"]["pairs"] == ["(2,3) slerp t=0.60 gamma=0.05 norm sink=0"]
+    assert r["full"]["compression"] == 1.0 and r["minicache"]["compression"] > 1.0
+    assert all(math.isfinite(x["ppl"]) for x in r.values())
+    report = calibrate(gemma, None, ids=ids, start=512, n_windows=1, top=2, budget_pct=50.0,
+                       progress=False, return_report=True)
+    assert [c["pair"][0] for c in report.pair_costs] == [0, 1, 2]
+    assert [s["pair"] for s in report.similarity] == [(0, 1), (1, 2), (2, 3)]
+    assert all(s.cur < 4 for s in report.order)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [

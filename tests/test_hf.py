@@ -725,6 +725,52 @@ def test_per_layer_config_attributes_are_not_fatal():
     assert [s.layers for s in cache.plan] == [(0, 1)]
 
 
+def test_pairs_of_layers_of_other_shapes_are_refused_up_front():
+    """Head dims and KV heads read per layer where the config gives them per layer (Gemma 4's
+    `per_layer_config`): a pair joining layers of two shapes, or a slerp pair whose head dim
+    merge does not support, is refused when the cache is built, naming the layers."""
+    from types import SimpleNamespace
+
+    dims, kv = [16, 16, 16, 16, 512, 512, 16, 32], [2, 2, 2, 1, 2, 2, 2, 2]
+
+    class PerLayer:
+        num_hidden_layers, model_type = 8, "llama"
+        per_layer_config = [SimpleNamespace(head_dim=d, num_key_value_heads=h)
+                            for d, h in zip(dims, kv)]
+
+        @property
+        def head_dim(self):
+            raise RuntimeError("'head_dim' is a per-layer attribute")
+
+    cfg = PerLayer()
+    assert [s.layers for s in MiniCacheHF(cfg, [(0, 1)]).plan] == [(0, 1)]
+    MiniCacheHF(cfg, [PairSpec(4, method="mean")])      # averaging has no head dim limit
+    with pytest.raises(ValueError, match=r"config: head dim 512 \(layer 4\) cannot be merged"):
+        MiniCacheHF(cfg, [(4, 5)])
+    for plan, message in (([(2, 3)], r"\(KV heads 2 in layer 2, 1 in layer 3\)"),
+                          ([(5, 6)], r"\(head dim 512 in layer 5, 16 in layer 6\)"),
+                          ([PairSpec(6, method="mean")], r"\(head dim 16 in layer 6, 32 in")):
+        with pytest.raises(ValueError, match=r"plan: pair \(\d, \d\) joins layers of "
+                                             r"different shapes " + message):
+            MiniCacheHF(cfg, plan)
+
+
+def test_gemma4_default_plan_is_refused_by_its_shapes():
+    """On a real Gemma 4 config (head dim 16 on sliding layers, 512 on full-attention ones) the
+    default plan pairs a sliding layer with a full one: refused at build, before any forward."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("Gemma 4 is not in this transformers release")
+    cfg = transformers.Gemma4TextConfig(
+        hidden_size=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=512, intermediate_size=128, vocab_size=100,
+        vocab_size_per_layer_input=100, hidden_size_per_layer_input=8, sliding_window=64)
+    with pytest.raises(ValueError, match=r"plan: pair \(4, 5\) joins layers of different "
+                                         r"shapes \(head dim 16 in layer 4, 512 in layer 5\)"):
+        MiniCacheHF(cfg)
+    assert [s.layers for s in MiniCacheHF(cfg, [(2, 3)]).plan] == [(2, 3)]
+
+
 def test_the_running_model_is_forgotten_after_a_failed_forward():
     """The hook that names the running model to the cache is undone when the forward raises."""
     from types import SimpleNamespace
