@@ -345,7 +345,8 @@ class MiniCache:
             if pair.pending is not None:
                 raise ValueError(f"layer: layer {layer} was updated twice before layer "
                                  f"{layer + 1}, the other layer of its merged pair (a step "
-                                 f"updates the layers in order)")
+                                 f"updates the layers in order; after a forward that failed "
+                                 f"between the two, reset() the cache)")
             if pair.empty():
                 pair.pending = (k.clone(), v.clone())     # (the caller may reuse k, v)
                 return True

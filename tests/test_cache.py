@@ -3,6 +3,7 @@ boundaries and the chunk retention rule, W = 1, plans, edits."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -423,8 +424,14 @@ def test_bad_updates():
                                          r"one 0 \(a step updates layer 0 first"):
         cache.update(1, k, k)
     cache.update(0, k, k)
-    with pytest.raises(ValueError, match="layer: layer 0 was updated twice before layer 1"):
+    with pytest.raises(ValueError, match=r"layer: layer 0 was updated twice before layer 1, "
+                                         r".*after a forward that failed between the two, "
+                                         r"reset\(\) the cache"):
         cache.update(0, k, k)
+    waiting = copy.deepcopy(cache)            # (the advice holds: reset, then a fresh start)
+    waiting.reset()
+    waiting.update(0, k, k)
+    assert waiting.seq_len(0) == 3
     with pytest.raises(ValueError, match="must match"):
         cache.update(1, k[:, :, :2], k[:, :, :2])
     cache.update(1, k, k)
