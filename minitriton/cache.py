@@ -42,7 +42,9 @@ Padding is still stored (merged) and counted in the bytes; the model's attention
 
 Bytes: `nbytes` counts every tensor held (sinks, both stores with their retained originals,
 magnitudes, slots and d extremes, tails, held prefill states). A pair's shared store is split
-evenly between its two layers in the per-layer numbers.
+evenly between its two layers in the per-layer numbers. The padding mask (`set_attention_mask`,
+one byte per row and position, shared by all layers) is not counted: it is the model's, held
+for reference. Crops and batch edits keep no memory of the tokens or rows they cut.
 
 Example:
     >>> cache = MiniCache(num_layers=30, window=16)            # the paper's pairs from L // 2
@@ -68,18 +70,27 @@ __all__ = ["MiniCache", "MergePlan", "PairSpec", "DEFAULT_T", "DEFAULT_GAMMA", "
            "METHODS"]
 
 # ---- MergedPair row selection (crop and batch reordering) -------------------------------------
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its memory is all its own (as every tensor the cache stores is, in some
+    layout), else a contiguous copy: a view of a cropped tensor would keep (and pickle) the
+    whole of the memory it was cut from."""
+    if x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _reindex(m: MergedPair, sel) -> MergedPair:
     """The MergedPair of `m` restricted to `sel`, an index into (B, S) applied as
     `x[sel_b][:, :, sel_s]`. The retained store is gathered in the new (b, h, s) order."""
     b_idx, s_sl = sel
-    pick = (lambda x: x[b_idx][:, :, s_sl])
-    slot = pick(m.slot)
+    pick = (lambda x: _own(x[b_idx][:, :, s_sl]))
+    slot = m.slot[b_idx][:, :, s_sl]
     retained = slot >= 0
     old_rows = slot[retained].long()          # row-major over the new [B, H, S]: the new order
-    return replace(m, e=pick(m.e).contiguous(), mag_prev=pick(m.mag_prev).contiguous(),
-                   mag_cur=pick(m.mag_cur).contiguous(), slot=_slots_from_mask(retained),
+    return replace(m, e=pick(m.e), mag_prev=pick(m.mag_prev), mag_cur=pick(m.mag_cur),
+                   slot=_slots_from_mask(retained),
                    kept_prev=m.kept_prev[old_rows], kept_cur=m.kept_cur[old_rows],
-                   d_min=m.d_min[b_idx].contiguous(), d_max=m.d_max[b_idx].contiguous())
+                   d_min=_own(m.d_min[b_idx]), d_max=_own(m.d_max[b_idx]))
 
 
 def _nb(x: Optional[torch.Tensor]) -> int:
@@ -240,7 +251,7 @@ class _Pair:
         sink_n = min(_len(self.sink_k[0]), length)
         merged_n = min(self.merged_len(), length - sink_n)
         tail_n = length - sink_n - merged_n
-        pick = (lambda x, n: None if x is None or n <= 0 else x[b_idx][:, :, :n].clone())
+        pick = (lambda x, n: None if x is None or n <= 0 else _own(x[b_idx][:, :, :n]))
         for side in (0, 1):
             self.sink_k[side] = pick(self.sink_k[side], sink_n)
             self.sink_v[side] = pick(self.sink_v[side], sink_n)
@@ -622,7 +633,7 @@ class MiniCache:
 
     @property
     def nbytes(self) -> int:
-        """Every byte held by the cache."""
+        """Every byte of the layers' states held by the cache (all but the padding mask)."""
         return sum(self.layer_nbytes(i) for i in range(self.num_layers))
 
     @property
@@ -702,9 +713,11 @@ class MiniCache:
                     x = store[i]
                     if x is not None:
                         n = x.shape[2] if length is None else min(length, x.shape[2])
-                        store[i] = x[b_idx][:, :, :n]
+                        store[i] = _own(x[b_idx][:, :, :n])
         for pair in self._pairs.values():
-            if not pair.empty():
+            # (a store cropped to no token still holds its rows' d extremes: they follow the
+            # batch rows too)
+            if not pair.empty() or pair.mk is not None:
                 n = pair.seq_len(0) if length is None else min(length, pair.seq_len(0))
                 pair.select(b_idx, n)
 

@@ -119,6 +119,8 @@ class MergePlan:
                 a, b = int(a), int(b)
                 if b != a + 1:
                     raise ValueError(f"pairs[{i}]: expected adjacent layers (l, l + 1), got {p!r}")
+                if a < 0:
+                    raise ValueError(f"pairs[{i}]: expected layer indices >= 0, got {p!r}")
                 spec = PairSpec(a, t=t, gamma=gamma, magnitude=magnitude, sink=sink,
                                 method=method)
             else:
@@ -178,6 +180,8 @@ class MergePlan:
             data = json.loads(text)
         except ValueError as err:
             raise ValueError(f"text: not valid JSON ({err})") from None
+        except RecursionError:
+            raise ValueError("text: JSON nested too deeply to be a plan") from None
         if isinstance(data, dict):
             if set(data) != {"pairs"}:
                 raise ValueError(f"text: expected {{\"pairs\": [...]}} or a list of pairs, got "
@@ -195,4 +199,7 @@ def _spec_from_dict(name: str, d: dict) -> PairSpec:
     if unknown or "prev" not in d:
         raise ValueError(f"{name}: expected PairSpec fields {sorted(fields)} with 'prev', got "
                          f"keys {sorted(d)}")
-    return PairSpec(**d)
+    try:
+        return PairSpec(**d)
+    except (TypeError, ValueError) as err:   # (a field's own message, with the pair named)
+        raise type(err)(f"{name}: {err}") from None

@@ -387,6 +387,71 @@ def test_crop_and_select_batch():
             assert torch.equal(cache.get(i)[1], before[i][1][idx][:, :, :n])
 
 
+def _held_tensors(cache):
+    """Every tensor the cache holds (dense layers, each pair's parts and stores)."""
+    out = [x for store in (cache._dense_k, cache._dense_v) for x in store if x is not None]
+    for pair in cache._pairs.values():
+        out += [x for x in pair.tensors() if x is not None]
+    return out
+
+
+def test_crops_keep_no_memory_of_the_cut_tokens():
+    """After a crop (and a batch edit) the cache's tensors own just what they hold: their
+    memory adds up to `nbytes`, and the cache pickles to about that much, not to the memory of
+    the tokens cut."""
+    import io
+
+    L, S, D = 4, 500, 64
+    for B, plan in ((1, [PairSpec(1)]), (2, [PairSpec(1, sink=3)]),
+                    (1, [PairSpec(1, method="mean")])):
+        cache = MiniCache(L, plan, window=1)
+        g = torch.Generator().manual_seed(B)
+        for layer in range(L):
+            x = torch.randn(B, 2, S, D, generator=g)
+            cache.update(layer, x, x)
+        for edit in (lambda: cache.crop(10), lambda: cache.select_batch(torch.tensor([0])),
+                     lambda: cache.crop(4)):
+            edit()
+            held = _held_tensors(cache)
+            assert sum(x.untyped_storage().nbytes() for x in held) == cache.nbytes, plan
+            buf = io.BytesIO()
+            torch.save(cache, buf)
+            assert len(buf.getvalue()) < cache.nbytes + 32768, plan
+
+
+def test_a_store_cropped_to_nothing_follows_the_batch_rows():
+    """A pair's store cropped to no token keeps its rows' d extremes (for the chunks to come):
+    a batch edit moves them with the rows, as it would before the crop."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1, 6, 16, generator=g), torch.randn(2, 1, 6, 16, generator=g)
+    y[1] = x[1] + 0.01 * y[1]          # row 1 nearly parallel: far smaller extremes
+
+    def prefilled():
+        cache = MiniCache(2, [PairSpec(0, gamma=0.5)], window=1)
+        cache.update(0, x, x)
+        cache.update(1, y, y)
+        return cache
+
+    one = prefilled()
+    one.crop(0)
+    one.select_batch(torch.tensor([1]))
+    assert one.batch_size() == 1
+    assert torch.equal(one.merged_pairs(0)[0].d_max, prefilled().merged_pairs(0)[0].d_max[1:])
+    one.update(0, x[1:], x[1:])                   # a batch of one is accepted
+    a, b = prefilled(), prefilled()
+    a.crop(0)
+    a.select_batch(torch.tensor([1, 0]))
+    b.select_batch(torch.tensor([1, 0]))
+    b.crop(0)
+    z = torch.randn(2, 1, 6, 16, generator=g)
+    for cache in (a, b):
+        cache.update(0, x, x)
+        cache.update(1, z, z)
+    for name in ("d_min", "d_max", "retained", "e"):
+        assert torch.equal(getattr(a.merged_pairs(0)[0], name),
+                           getattr(b.merged_pairs(0)[0], name)), name
+
+
 def test_plans():
     assert [s.layers for s in MergePlan.paper(30)] == [(15, 16), (17, 18), (19, 20), (21, 22),
                                                        (23, 24), (25, 26), (27, 28)]
@@ -507,9 +572,17 @@ def test_plans_take_numpy_numbers_and_check_json():
     assert cache.num_layers == 6 and cache.window == 4
     for text, match in (('{"x": 1}', "text: expected"), ("3", "text: expected"),
                         ('[{"prev": 1, "tee": 0.5}]', "pairs\\[0\\]: expected PairSpec fields"),
-                        ('[{"t": 0.5}]', "pairs\\[0\\]: expected PairSpec fields")):
+                        ('[{"t": 0.5}]', "pairs\\[0\\]: expected PairSpec fields"),
+                        ('[{"prev": 3}, {"prev": 7, "gamma": 1.5}]',
+                         r"pairs\[1\]: gamma: expected a value in \[0, 1\], got 1.5"),
+                        ("[" * 100000 + "]" * 100000, "text: JSON nested too deeply")):
         with pytest.raises(ValueError, match=match):
             MergePlan.from_json(text)
+    with pytest.raises(ValueError, match=r"pairs\[1\]: expected layer indices >= 0, got "
+                                         r"\(-1, 0\)"):
+        MergePlan([(2, 3), (-1, 0)])
+    with pytest.raises(TypeError, match=r"pairs\[0\]: sink: expected an int"):
+        MergePlan([{"prev": 2, "sink": 1.5}])
     with pytest.raises(ValueError, match="num_layers"):
         MergePlan.paper(-4)
     with pytest.raises(TypeError, match="num_layers"):
