@@ -98,12 +98,16 @@ def available() -> bool:
     return True
 
 
-def check_loaders() -> None:
-    missing = [m for m in ("transformers", "gguf", "accelerate")
-               if importlib.util.find_spec(m) is None]
+def check_loaders(plots: bool = False) -> None:
+    """AssetMissing naming the demo extra's packages that do not import: those that load the
+    embedded model, and with `plots` matplotlib too (checked before the model loads, so that
+    a command that plots fails at once, not after minutes of work)."""
+    wanted = ("transformers", "gguf", "accelerate") + (("matplotlib",) if plots else ())
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     if missing:
-        raise AssetMissing(f"loading the embedded model needs {', '.join(missing)}: install "
-                           f"minitriton's demo extra:\n    {DEMO_INSTALL}")
+        what = "loading the embedded model" if missing != ["matplotlib"] else "plotting"
+        raise AssetMissing(f"{what} needs {', '.join(missing)}: install minitriton's demo "
+                           f"extra:\n    {DEMO_INSTALL}")
 
 
 def load_model(dtype=None, threads: int | None = None, progress: bool = True):

@@ -194,6 +194,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .assets import check_loaders
+    check_loaders(plots=bool(args.plots))
     from .calibrate import calibrate
     from .plots import plot_similarity, plot_tradeoff
     model, tok, text = _load(args)
@@ -202,10 +204,12 @@ def cmd_calibrate(args) -> int:
                        return_report=True)
     print(report.describe())
     print(f"calibration took {report.seconds:.0f}s")
-    print("pair  key cos  value cos  merge cost (% PPL, alone)  best setting")
+    print("pair  key cos  value cos  merge cost (% PPL, alone)  setting")
     for s, c in zip(report.similarity, report.pair_costs):
         print(f"{s['pair'][0]:>2},{s['pair'][1]:<2} {s['key_cos']:>+8.3f} {s['value_cos']:>+9.3f}"
               f"  {c['cost_pct']:>+10.2f}                {c['setting']}")
+    print(f"setting: the best of the settings grid for the {args.top} cheapest pairs (--top), "
+          f"the screening setting for the others")
     if args.out:
         Path(args.out).write_text(report.plan.to_json())
         print(f"wrote the budget plan to {args.out} (use: python -m minitriton eval --plan "
@@ -240,6 +244,8 @@ def _generate(model, tok, prompt: str, cache, max_new_tokens: int):
 
 
 def cmd_demo(args) -> int:
+    from .assets import check_loaders
+    check_loaders(plots=True)
     from transformers import DynamicCache
 
     from .calibrate import shipped_order, shipped_plans, similarity
@@ -390,7 +396,16 @@ def cmd_synthetic(args) -> int:
 
     from .synthetic import run
     B, H, S, D = args.shape
-    run(B, H, S, D, dtype=getattr(torch, args.dtype), t=args.t, gamma=args.gamma)
+    try:
+        run(B, H, S, D, dtype=getattr(torch, args.dtype), t=args.t, gamma=args.gamma)
+    except RuntimeError as exc:   # (torch's out-of-memory errors are RuntimeErrors)
+        if "alloc" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        gib = B * H * S * D * 4 / 2 ** 30
+        print(f"minitriton: --shape {B},{H},{S},{D}: the synthetic cache does not fit in memory "
+              f"({gib:.3g} GiB per float32 layer, several of them while it is built)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

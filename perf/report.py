@@ -176,16 +176,20 @@ def _pct(v):
 
 def plot(rows: list[dict], env: dict, roofs: dict, prefix: Path) -> list[Path]:
     """-bandwidth.png (each provider's GB/s against the point's input bytes, per op) and
-    -roofline.png. Returns the paths written; none when matplotlib does not import."""
+    -roofline.png. Returns the paths written; none when matplotlib does not import or no row
+    was measured."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    stamp = (f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
-             f"commit {env['commit']}")
     ops = list(dict.fromkeys(r["op"] for r in rows))
+    if not ops:   # (nothing was measured: no plot to draw)
+        return []
+    stamp = " | ".join([env["device"], f"torch {env['torch']}", f"triton {env['triton']}"]
+                       + ([f"CUDA {env['cuda']}"] if "cuda" in env else [])
+                       + [f"commit {env['commit']}", env["date"]])
     paths = []
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops):

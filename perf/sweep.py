@@ -167,7 +167,9 @@ def run(ops, grid_name: str, device: torch.device, out_dir: Path, progress: bool
         notes = list(dict.fromkeys(notes)) + [f"ERROR {e}" for e in errors]
         paths[1].write_text(report.markdown(rows, env, notes, title))
     written = report.plot(rows, env, roofs, prefix)
-    if not written:
+    if not rows:
+        print("nothing was measured: no PNG plots", file=sys.stderr)
+    elif not written:
         print("matplotlib does not import: no PNG plots", file=sys.stderr)
     return paths + written, errors
 

@@ -308,3 +308,46 @@ def test_load_model_progress(monkeypatch, progress):
     model, tok = assets.load_model(progress=progress)
     assert seen == [not progress] and tok == "tok" and not model.training
     assert gguf_utils.tqdm is before
+
+
+@pytest.mark.parametrize("argv", [["demo", "--windows", "1"],
+                                  ["calibrate", "--windows", "1", "--plots", "PLOTS"]])
+def test_commands_that_plot_name_matplotlib_before_any_work(argv, monkeypatch, tmp_path,
+                                                            capsys):
+    """Without matplotlib, `demo` and `calibrate --plots` stop at once with the install
+    command (exit 2), before the model loads."""
+    import importlib.util
+
+    from minitriton import assets
+    from minitriton.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(assets, "load_model", no_loading)
+    argv = [str(tmp_path / "plots") if a == "PLOTS" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "minitriton: plotting needs matplotlib: install minitriton's demo extra" in err
+    assert "pip install -e '.[demo]'" in err
+
+
+def test_synthetic_command(capsys):
+    """`python -m minitriton synthetic`: a table row per magnitude mode; a shape that cannot be
+    allocated is a message and exit 2, not a traceback."""
+    from minitriton.cli import main
+
+    assert main(["synthetic", "--shape", "1,2,64,32", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("norm", "projection"))]
+    assert [r[0] for r in rows] == ["norm", "projection"]
+    for r in rows:
+        assert float(r[1].rstrip("x")) > 1.0 and 0.0 <= float(r[3]) < 1.0
+    assert "the median of 5 calls after a warm-up one" in out
+    # (1 PiB a layer: beyond any address space, so refused even where memory is overcommitted)
+    assert main(["synthetic", "--shape", "4096,4096,65536,256"]) == 2
+    assert "does not fit in memory (1.05e+06 GiB per float32 layer" in capsys.readouterr().err

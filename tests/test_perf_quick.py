@@ -74,6 +74,20 @@ def test_quick_plots_are_png(quick_run):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_where_every_point_fails(tmp_path, monkeypatch, capsys):
+    """An op that fails at every point: exit 1 with an ERROR line per point on stderr, the CSV
+    and Markdown written, and no plot (nothing to draw), rather than a plotting traceback."""
+    monkeypatch.setenv("MINITRITON_BACKEND", "bogus")
+    rc = sweep.main(["--op", "merge", "--quick", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    errors = [line for line in err.splitlines() if line.startswith("ERROR merge ")]
+    assert len(errors) == len(grid("merge", "quick"))
+    assert all("MINITRITON_BACKEND: expected one of" in line for line in errors)
+    assert "nothing was measured: no PNG plots" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge-quick.csv", "merge-quick.md"]
+
+
 def _fake_point(op, S, B, times_ms, bytes_=1 << 30):
     """Rows of one point as the sweep makes them, from median times per provider."""
     from perf import report
