@@ -167,9 +167,10 @@ def test_default_dtype_does_not_leak(backend, device):
         torch.set_default_dtype(default)
 
 
-def test_projection_magnitudes(backend, device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_projection_magnitudes(backend, device, dtype):
     """magnitude="projection" stores signed coefficients: used as they are."""
-    c = Case(B=2, H=2, G=2, S=29, T=3, D=48, dtype=torch.float32, device=device,
+    c = Case(B=2, H=2, G=2, S=29, T=3, D=48, dtype=dtype, device=device,
              magnitude="projection", gamma=0.1, corr=-0.95)
     assert (c.k.mag_prev < 0).any() and (c.v.mag_prev < 0).any()
     c.check("prev")
@@ -417,6 +418,8 @@ def test_unused_rows_may_hold_anything(backend, device, dtype):
                                                  seq_lens=seq_lens))
 
 
+@example(B=3, H=2, G=4, S=40, T=5, D=17, dtype=torch.bfloat16, layer="cur", ragged=True,
+         num_splits=3, seed=9)
 @example(B=2, H=2, G=3, S=40, T=5, D=80, dtype=torch.bfloat16, layer="prev", ragged=True,
          num_splits=3, seed=5)
 @example(B=1, H=1, G=7, S=13, T=1, D=256, dtype=torch.float16, layer="cur", ragged=False,
@@ -453,6 +456,7 @@ def test_seq_starts(backend, device, dtype, num_splits):
         c.check(layer, tail=False, num_splits=num_splits, seq_starts=i32([3, 16, 0, 36], device))
 
 
+@example(B=3, G=4, S=40, T=3, D=80, dtype=torch.bfloat16, num_splits=3, seed=2)
 @given(B=st.integers(1, 3), G=st.sampled_from([1, 4]), S=st.sampled_from([1, 2, 13, 40]),
        T=st.sampled_from([0, 3]), D=st.sampled_from([16, 80]), dtype=st.sampled_from(DTYPES),
        num_splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))

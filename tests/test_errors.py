@@ -266,19 +266,28 @@ def test_dispatch(monkeypatch, device, variable):
             select_backend(torch.device("cpu"))
     else:
         assert select_backend(torch.device("cpu")) == cpu
-    # What the public op runs on the test device's tensors (the other implementation is made
-    # to fail; on a CPU the suite runs the kernels through the interpreter).
-    import minitriton.kernels.merge as kernels
+    # What each public op runs on the test device's tensors (the other implementations are
+    # made to fail; on a CPU the suite runs the kernels through the interpreter).
+    import minitriton.kernels.decode as decode_kernels
+    import minitriton.kernels.merge as merge_kernels
+    import minitriton.kernels.restore as restore_kernels
+    import minitriton.torch_decode as torch_decode
     import minitriton.torch_merge as torch_path
     runs = cuda if device.type == "cuda" else cpu
-    other = "merge_triton" if runs == "torch" else "merge_torch"
-
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{other} ran with MINITRITON_BACKEND={variable!r}")
-    monkeypatch.setattr(kernels if other == "merge_triton" else torch_path, other, fail)
+    others = ([(merge_kernels, "merge_triton"), (restore_kernels, "restore_triton"),
+               (decode_kernels, "decode_attention_triton")] if runs == "torch" else
+              [(torch_path, "merge_torch"), (torch_path, "restore_torch"),
+               (torch_decode, "decode_attention_torch")])
+    for module, name in others:
+        def fail(*args, name=name, **kwargs):
+            raise AssertionError(f"{name} ran with MINITRITON_BACKEND={variable!r}")
+        monkeypatch.setattr(module, name, fail)
     x = torch.randn(1, 2, 5, 16, device=device)
     m = minitriton.merge(x, x.flip(-1))
     assert m.shape == (1, 2, 5, 16)
+    assert minitriton.restore(m)[0].shape == (1, 2, 5, 16)
+    q = torch.randn(1, 4, 16, device=device)
+    assert minitriton.decode_attention(q, m, m, layer="cur").shape == (1, 4, 16)
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch, pair):

@@ -15,9 +15,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import minitriton
-from conftest import D_TOL, DTYPES, TOL, UNIT, assert_close
-from helpers import (check_merge_against_reference, make_pair, same_bits, strided_twin,
-                     token_norms)
+from conftest import DTYPES, TOL, UNIT, assert_close
+from helpers import (borderline_tokens, check_merge_against_reference, d_tolerance, make_pair,
+                     same_bits, strided_twin, token_norms)
 from minitriton.kernels.merge import _row_scale
 from minitriton.reference import decode_attention_ref, merge_ref
 
@@ -34,7 +34,7 @@ def test_matches_reference(backend, device, dtype, magnitude, layout):
     m = minitriton.merge(xp, xc, t=0.6, gamma=0.1, magnitude=magnitude)
     assert m.magnitude == magnitude and m.shape == (2, 3, 37, 80) and m.dtype == dtype
     assert m.num_retained > 0
-    check_merge_against_reference(m, xp, xc, 0.6, 0.1, magnitude, D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, 0.6, 0.1, magnitude, assert_close)
 
 
 @pytest.mark.parametrize("D", [17, 129, 200, 256])
@@ -44,9 +44,13 @@ def test_odd_and_wide_head_dims(backend, device, D, dtype):
     xp, xc = make_pair(1, 2, 9, D, dtype, device, seed=D, outliers=1, layout="bshd")
     for magnitude in ("norm", "projection"):
         m = minitriton.merge(xp, xc, t=0.4, gamma=0.2, magnitude=magnitude)
-        check_merge_against_reference(m, xp, xc, 0.4, 0.2, magnitude, D_TOL, assert_close)
+        check_merge_against_reference(m, xp, xc, 0.4, 0.2, magnitude, assert_close)
 
 
+@example(B=2, H=3, S=31, D=80, dtype=torch.float16, t=1.0, gamma=0.3, magnitude="projection",
+         layout="sliced", corr=0.5, seed=7)
+@example(B=1, H=2, S=7, D=200, dtype=torch.bfloat16, t=0.0, gamma=1.0, magnitude="norm",
+         layout="bshd", corr=0.95, seed=8)
 @example(B=1, H=1, S=2, D=256, dtype=torch.bfloat16, t=0.5, gamma=0.5, magnitude="projection",
          layout="sliced", corr=0.5, seed=1)
 @example(B=2, H=3, S=13, D=17, dtype=torch.float16, t=1.0, gamma=1.0, magnitude="norm",
@@ -62,9 +66,10 @@ def test_matches_reference_drawn(backend, device, B, H, S, D, dtype, t, gamma, m
                                  layout, corr, seed):
     xp, xc = make_pair(B, H, S, D, dtype, device, seed=seed, corr=corr, layout=layout)
     m = minitriton.merge(xp, xc, t=t, gamma=gamma, magnitude=magnitude)
-    check_merge_against_reference(m, xp, xc, t, gamma, magnitude, D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, t, gamma, magnitude, assert_close)
 
 
+@example(dtype=torch.float32, log_p=36.0, log_c=-36.0, D=48, t=0.3, magnitude="norm", seed=5)
 @example(dtype=torch.float32, log_p=-36.0, log_c=36.0, D=96, t=0.6, magnitude="projection",
          seed=3)
 @example(dtype=torch.float32, log_p=-21.0, log_c=-21.0, D=16, t=0.0, magnitude="norm", seed=4)
@@ -83,7 +88,7 @@ def test_matches_reference_at_any_scale(backend, device, dtype, log_p, log_c, D,
     xp, xc = make_pair(1, 2, 7, D, torch.float32, device, seed=seed, corr=0.8, outliers=1)
     xp, xc = (xp * 10.0 ** log_p).to(dtype), (xc * 10.0 ** log_c).to(dtype)
     m = minitriton.merge(xp, xc, t, 0.2, magnitude)
-    check_merge_against_reference(m, xp, xc, t, 0.2, magnitude, D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, t, 0.2, magnitude, assert_close)
 
 
 # ---- properties (SPEC.md) --------------------------------------------------------------------
@@ -104,13 +109,15 @@ def test_magnitudes_survive_and_retained_exact(backend, device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("t", [0.0, 1.0])
-def test_t_endpoints_restore_one_layer(backend, device, dtype, t):
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_t_endpoints_restore_one_layer(backend, device, dtype, t, magnitude):
     """t = 0 gives prev's direction exactly, t = 1 cur's: each component of e within one
     rounding to the dtype (2 ulp of its own size) of the exact direction, and so the restored
     layer within a few ulp of each input component (the dtype's tolerance table would let
-    t = 0.04 through in bfloat16)."""
+    t = 0.04 through in bfloat16); with "projection" too, whose coefficient x . e is then
+    that layer's norm."""
     xp, xc = make_pair(1, 2, 17, 64, dtype, device, seed=3)
-    m = minitriton.merge(xp, xc, t=t, gamma=0.0)
+    m = minitriton.merge(xp, xc, t=t, gamma=0.0, magnitude=magnitude)
     xp_hat, xc_hat = minitriton.restore(m)
     src = xp if t == 0.0 else xc
     n = torch.linalg.vector_norm(src.double(), dim=-1, keepdim=True)
@@ -141,7 +148,8 @@ def _rope(x, base=10000.0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("rotation", ["orthogonal", "rope"])
-def test_shared_rotation_commutes(backend, device, rotation, dtype):
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_shared_rotation_commutes(backend, device, rotation, dtype, magnitude):
     """merge(R x_p, R x_c) restores to R x_hat: the same tokens retained (up to ties at the
     threshold), and the same restored states. Rotated inputs are rounded to the dtype, so the
     comparison is at the dtype's tolerance."""
@@ -152,15 +160,19 @@ def test_shared_rotation_commutes(backend, device, rotation, dtype):
     else:
         rot = lambda x: _rope(x.double()).to(dtype)  # noqa: E731
     xp_r, xc_r = rot(xp), rot(xc)
-    m = minitriton.merge(xp, xc, 0.6, 0.1)
-    m_rot = minitriton.merge(xp_r, xc_r, 0.6, 0.1)
+    m = minitriton.merge(xp, xc, 0.6, 0.1, magnitude=magnitude)
+    m_rot = minitriton.merge(xp_r, xc_r, 0.6, 0.1, magnitude=magnitude)
     assert_close(m_rot.e, rot(m.e), dtype, what="e of rotated inputs")
-    assert_close(m_rot.d_max, m.d_max, torch.float32, scale=D_TOL / 2e-5, what="d_max")
-    # Retention may differ only where a token is within D_TOL of either threshold.
+    # (each against its own reference: the rotated inputs are rounded to the dtype again)
     refs = [merge_ref(a, b, 0.6, 0.1) for a, b in ((xp, xc), (xp_r, xc_r))]
-    near = np.zeros(m.retained.shape, dtype=bool)
+    for got, r in zip((m, m_rot), refs):
+        assert (np.abs(got.d_max.double().cpu().numpy() - r["d_max"])
+                <= d_tolerance(r["d_max"])).all(), "d_max"
+    # Retention may differ only where a token is within rounding of either threshold, or where
+    # rounding the rotated inputs moved it across (the two references disagree).
+    near = refs[0]["retained"] != refs[1]["retained"]
     for r in refs:
-        near |= np.abs(r["d"] - r["threshold"][..., None]) <= D_TOL
+        near |= borderline_tokens(r)
     agree = (m.retained == m_rot.retained).cpu().numpy()
     assert (agree | near).all(), f"retention changed under rotation at {np.argwhere(~agree)}"
     r_hat = [rot(x) for x in minitriton.restore(m)]
@@ -218,6 +230,7 @@ def test_positive_scaling_only_scales_magnitude(backend, device, dtype, which, m
     assert torch.equal(ms.mag_cur, m.mag_cur * sc)
 
 
+@example(gammas=[0.0, 5e-324, 0.3, 1 - 2 ** -53, 1.0], seed=3, dtype=torch.bfloat16)
 @given(gammas=st.lists(st.floats(0, 1), min_size=2, max_size=4),
        seed=st.integers(0, 1000), dtype=st.sampled_from(DTYPES))
 def test_monotone_in_gamma(backend, device, gammas, seed, dtype):
@@ -230,8 +243,9 @@ def test_monotone_in_gamma(backend, device, gammas, seed, dtype):
         prev = r
 
 
-def test_gamma_endpoints(backend, device):
-    xp, xc = make_pair(2, 3, 41, 32, torch.float32, device, seed=2, corr=0.3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_gamma_endpoints(backend, device, dtype):
+    xp, xc = make_pair(2, 3, 41, 32, dtype, device, seed=2, corr=0.3)
     assert minitriton.merge(xp, xc, 0.6, 0.0).num_retained == 0
     m = minitriton.merge(xp, xc, 0.6, 1.0)
     # All but each row's least distant token (random data: one token per row at d_min).
@@ -271,6 +285,8 @@ def test_batch_invariant(backend, device, dtype):
             assert torch.equal(a, f[b:b + 1])
 
 
+@example(dtype=torch.float16, seed=0, scale=6e4)
+@example(dtype=torch.float16, seed=1, scale=1e30)
 @example(dtype=torch.float32, seed=1, scale=1e37)
 @example(dtype=torch.float32, seed=3, scale=1e38)
 @example(dtype=torch.bfloat16, seed=2, scale=1e30)
@@ -326,7 +342,7 @@ def test_half_beyond_range_is_retained(backend, device, dtype, magnitude):
         assert m.retained[0, 1, 2] and m.retained[0, 0, 5], gamma
         if gamma == 0.0:
             assert m.num_retained == 2
-        check_merge_against_reference(m, xp, xc, 1.0, gamma, magnitude, D_TOL, assert_close)
+        check_merge_against_reference(m, xp, xc, 1.0, gamma, magnitude, assert_close)
         k_hat, v_hat = minitriton.restore(m)
         assert same_bits(k_hat[m.retained], xp[m.retained])
         assert same_bits(v_hat[m.retained], xc[m.retained])
@@ -342,7 +358,7 @@ def test_half_beyond_range_is_retained(backend, device, dtype, magnitude):
     mask[0, 2] = False
     m = minitriton.merge(xp, xc, 1.0, 0.0, magnitude, mask=mask)
     assert not m.retained[:, :, 2].any() and m.retained[0, 0, 5]
-    check_merge_against_reference(m, xp, xc, 1.0, 0.0, magnitude, D_TOL, assert_close,
+    check_merge_against_reference(m, xp, xc, 1.0, 0.0, magnitude, assert_close,
                                   mask=mask)
     # Inside the range, and at its bound as stored (a float32 magnitude of exactly the largest
     # number, which the float64 norm passes by a hair): merged as any token.
@@ -357,7 +373,7 @@ def test_half_beyond_range_is_retained(backend, device, dtype, magnitude):
     m = minitriton.merge(inside, xc_in, 1.0, 0.0, magnitude)
     assert not m.retained[0, 1, 2:4].any()
     assert float(m.mag_prev[0, 1, 3]) == pytest.approx(torch.finfo(dtype).max, rel=1e-6)
-    check_merge_against_reference(m, inside, xc_in, 1.0, 0.0, magnitude, D_TOL, assert_close)
+    check_merge_against_reference(m, inside, xc_in, 1.0, 0.0, magnitude, assert_close)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
@@ -406,7 +422,7 @@ def test_huge_magnitudes(backend, device, dtype):
     xp, xc = xp.to(dtype), xc.to(dtype)
     for magnitude in ("norm", "projection"):
         m = minitriton.merge(xp, xc, 0.6, 0.2, magnitude)
-        check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, D_TOL, assert_close)
+        check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, assert_close)
         n = torch.linalg.vector_norm(xp.double(), dim=-1)
         if magnitude == "norm":
             got = torch.linalg.vector_norm(minitriton.restore(m, "prev").double(), dim=-1)
@@ -426,7 +442,7 @@ def test_huge_magnitudes(backend, device, dtype):
     for t in (0.5, 1.0):
         for magnitude in ("norm", "projection"):
             m = minitriton.merge(xp, xc, t, 0.0, magnitude)
-            check_merge_against_reference(m, xp, xc, t, 0.0, magnitude, D_TOL, assert_close)
+            check_merge_against_reference(m, xp, xc, t, 0.0, magnitude, assert_close)
             assert all(torch.isfinite(x).all() for x in (*m.tensors(), *minitriton.restore(m)))
 
 
@@ -528,7 +544,7 @@ def test_tiny_vectors(backend, device, scale):
         n_e[0, 0, 3] = 1.0                     # (e there is u_cur)
         assert ((n_e - 1).abs() < 1e-5).all(), (magnitude, n_e.min(), n_e.max())
         assert all(torch.isfinite(x).all() for x in m.tensors())
-        check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, D_TOL, assert_close)
+        check_merge_against_reference(m, xp, xc, 0.6, 0.2, magnitude, assert_close)
         if magnitude == "norm":                # |x_hat| = |x| where merged
             for x, x_hat in zip((xp, xc), minitriton.restore(m)):
                 n, n_hat = (torch.linalg.vector_norm(y.double(), dim=-1) for y in (x, x_hat))
@@ -538,7 +554,7 @@ def test_tiny_vectors(backend, device, scale):
     xc[0, 0, 2] = xc[0, 0, 2] / scale * 1e-41
     assert 0 < torch.linalg.vector_norm(xc[0, 0, 2].double()) < torch.finfo(torch.float32).tiny
     m = minitriton.merge(xp, xc, 0.6, 0.0)
-    check_merge_against_reference(m, xp, xc, 0.6, 0.0, "norm", D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, 0.6, 0.0, "norm", assert_close)
     u = xp[0, 0, 2].double() / torch.linalg.vector_norm(xp[0, 0, 2].double())
     assert_close(m.e[0, 0, 2], u, torch.float32, what="e next to a subnormal partner")
     assert m.mag_cur[0, 0, 2] == 0 and not minitriton.restore(m, "cur")[0, 0, 2].any()
@@ -567,25 +583,27 @@ def test_lengths_near_float32_max(backend, device, dtype):
                 assert torch.isfinite(x).all(), (magnitude, length)
             if exact:
                 assert m.num_retained == 0
-                check_merge_against_reference(m, xp, xc, 0.5, 0.0, magnitude, D_TOL,
-                                              assert_close)
+                check_merge_against_reference(m, xp, xc, 0.5, 0.0, magnitude, assert_close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-def test_zero_vectors(backend, device, dtype):
+@pytest.mark.parametrize("magnitude", ["norm", "projection"])
+def test_zero_vectors(backend, device, dtype, magnitude):
+    """Zero vectors restore to zero (SPEC property 8), with either magnitude."""
     xp, xc = make_pair(1, 2, 8, 32, dtype, device, seed=9)
     xp[0, 0, 1] = 0
     xc[0, 0, 2] = 0
     xp[0, 1, 3] = 0
     xc[0, 1, 3] = 0
-    m = minitriton.merge(xp, xc, 0.6, 0.0)
+    m = minitriton.merge(xp, xc, 0.6, 0.0, magnitude=magnitude)
     xp_hat, xc_hat = minitriton.restore(m)
     assert (xp_hat[0, 0, 1] == 0).all() and (xc_hat[0, 0, 2] == 0).all()
     assert (xp_hat[0, 1, 3] == 0).all() and (xc_hat[0, 1, 3] == 0).all()
+    assert m.mag_prev[0, 0, 1] == 0 and m.mag_cur[0, 0, 2] == 0
     # A zero partner leaves the other layer's direction: e = u_cur at (0, 0, 1).
     u = xc[0, 0, 1].double() / torch.linalg.vector_norm(xc[0, 0, 1].double())
     assert_close(m.e[0, 0, 1], u, dtype, what="e next to a zero vector")
-    check_merge_against_reference(m, xp, xc, 0.6, 0.0, "norm", D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, 0.6, 0.0, magnitude, assert_close)
 
 
 @pytest.mark.parametrize("t", [0.5, 0.6, 0.3])
@@ -666,7 +684,7 @@ def test_zero_partner_keeps_the_other_direction(backend, device, dtype, t):
                  what="x_cur next to a zero x_prev")
     assert_close(xp_hat[0, 0, 3], xp[0, 0, 3], dtype, scale=token_norms(xp[0, 0, 3]),
                  what="x_prev next to a zero x_cur")
-    check_merge_against_reference(m, xp, xc, t, 0.0, "norm", D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, t, 0.0, "norm", assert_close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -684,8 +702,7 @@ def test_nan_token_leaves_other_rows_alone(backend, device, dtype):
         alone = minitriton.merge(xp1, xc1, 0.6, 0.3, magnitude)
         for name in ("e", "mag_prev", "mag_cur", "retained", "d_min", "d_max"):
             assert torch.equal(getattr(both, name)[1:], getattr(alone, name)), name
-        check_merge_against_reference(alone, xp1, xc1, 0.6, 0.3, magnitude, D_TOL,
-                                      assert_close)
+        check_merge_against_reference(alone, xp1, xc1, 0.6, 0.3, magnitude, assert_close)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy)
@@ -725,7 +742,7 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
         assert m.retained[bad].all()
         assert (m.e[bad] == 0).all()
         assert (m.mag_prev[bad] == 0).all() and (m.mag_cur[bad] == 0).all()
-        check_merge_against_reference(m, xp, xc, 0.6, 0.3, magnitude, D_TOL, assert_close)
+        check_merge_against_reference(m, xp, xc, 0.6, 0.3, magnitude, assert_close)
         assert m.d_min[1, 0] == 2.0 and m.d_max[1, 0] == -1.0   # the extremes of nothing
         for b, h in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2)):
             ok = ~bad[b, h]
@@ -739,7 +756,7 @@ def test_non_finite_tokens_are_kept(backend, device, dtype, layout):
     second = minitriton.merge(xp[:, :, S // 2:], xc[:, :, S // 2:], 0.6, 0.3, d_range=d_range)
     assert second.retained[bad[:, :, S // 2:]].all()
     check_merge_against_reference(second, xp[:, :, S // 2:], xc[:, :, S // 2:], 0.6, 0.3, "norm",
-                                  D_TOL, assert_close, d_range=d_range)
+                                  assert_close, d_range=d_range)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -753,7 +770,9 @@ def test_e_is_rounded_once(backend, device, dtype, magnitude):
     ref = merge_ref(xp.cpu().double().numpy(), xc.cpu().double().numpy(), 0.35, 0.2,
                     magnitude)["e"]
     err = np.abs(m.e.cpu().double().numpy() - ref)
-    bound = 2 * UNIT[dtype] * np.abs(ref) + 1e-6
+    # (float32's own arithmetic: a few roundings of each component, and of its largest terms
+    # for a component that cancels to near 0)
+    bound = (2 * UNIT[dtype] + 8 * np.finfo(np.float32).eps) * np.abs(ref) + 1e-7
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
     assert (err <= bound).all(), (worst, err[worst], ref[worst])
 
@@ -799,11 +818,21 @@ def test_views_with_the_negation_bit(backend, device):
     assert_close(o, o_want, torch.float32, what="decode over negation-bit views")
 
 
-def test_s_one_and_empty_rows(backend, device):
-    xp, xc = make_pair(2, 2, 1, 16, torch.float32, device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_s_one_and_empty_rows(backend, device, dtype):
+    """A row of one token retains nothing, even at gamma = 1 (it is its row's least distant);
+    a row whose tokens are all padding has no extremes (2 and -1, what an empty row starts
+    from) and retains nothing."""
+    xp, xc = make_pair(2, 2, 1, 16, dtype, device)
     m = minitriton.merge(xp, xc, 0.6, 1.0)
-    assert m.num_retained == 0          # one token is its row's least distant: never retained
-    check_merge_against_reference(m, xp, xc, 0.6, 1.0, "norm", D_TOL, assert_close)
+    assert m.num_retained == 0
+    check_merge_against_reference(m, xp, xc, 0.6, 1.0, "norm", assert_close)
+    xp, xc = make_pair(2, 2, 5, 16, dtype, device, seed=3)
+    pads = torch.tensor([[True] * 5, [False] * 5], device=device)
+    m = minitriton.merge(xp, xc, 0.6, 1.0, mask=pads)
+    assert (m.d_min[1] == 2).all() and (m.d_max[1] == -1).all()
+    assert not m.retained[1].any() and (m.retained[0].sum(-1) == 4).all()
+    check_merge_against_reference(m, xp, xc, 0.6, 1.0, "norm", assert_close, mask=pads)
 
 
 # ---- chunks (streaming merge) ----------------------------------------------------------------
@@ -813,14 +842,15 @@ def test_chunked_merge_with_d_range(backend, device):
     second = minitriton.merge(xp[:, :, 20:], xc[:, :, 20:], 0.6, 0.1,
                               d_range=(first.d_min, first.d_max))
     check_merge_against_reference(second, xp[:, :, 20:], xc[:, :, 20:], 0.6, 0.1, "norm",
-                                  D_TOL, assert_close, d_range=(first.d_min, first.d_max))
+                                  assert_close, d_range=(first.d_min, first.d_max))
     # The second chunk's threshold uses the extremes over all 30 tokens: its decisions are the
     # one-shot merge's decisions for those tokens (away from the threshold).
     whole = merge_ref(xp, xc, 0.6, 0.1)
-    borderline = np.abs(whole["d"] - whole["threshold"][..., None]) <= D_TOL
+    borderline = borderline_tokens(whole)
     agree = (second.retained.cpu().numpy() == whole["retained"][:, :, 20:])
     assert (agree | borderline[:, :, 20:]).all()
-    assert_close(second.d_max, whole["d_max"], torch.float32, scale=D_TOL / 2e-5, what="d_max")
+    assert (np.abs(second.d_max.double().cpu().numpy() - whole["d_max"])
+            <= d_tolerance(whole["d_max"])).all(), "d_max over both chunks"
     joined = minitriton.MergedPair.cat([first, second])
     assert joined.shape == (2, 2, 30, 32)
     assert torch.equal(joined.retained, torch.cat([first.retained, second.retained], 2))
@@ -868,10 +898,11 @@ def test_padded_rows_keep_what_unpadded_rows_keep(backend, device, dtype, magnit
             assert torch.equal(got, getattr(one, name)), (b, name)
         for name in ("d_min", "d_max"):
             assert torch.equal(getattr(m, name)[b:b + 1], getattr(one, name)), (b, name)
-    check_merge_against_reference(m, pp, pc, 0.6, 0.2, magnitude, D_TOL, assert_close,
+    check_merge_against_reference(m, pp, pc, 0.6, 0.2, magnitude, assert_close,
                                   mask=mask)
 
 
+@example(S=31, D=33, dtype=torch.bfloat16, gamma=0.3, kind="random", seed=5)
 @given(S=st.sampled_from([1, 2, 7, 31]), D=st.sampled_from([16, 33, 128]),
        dtype=st.sampled_from(DTYPES), gamma=st.sampled_from([0.0, 0.3, 1.0]) | st.floats(0, 1),
        kind=st.sampled_from(["left", "random", "none", "all"]), seed=st.integers(0, 2**16))
@@ -883,7 +914,7 @@ def test_mask_matches_reference_drawn(backend, device, S, D, dtype, gamma, kind,
     else:
         mask = torch.rand(2, S, generator=g) < {"random": 0.6, "none": 0.0, "all": 1.1}[kind]
     m = minitriton.merge(xp, xc, 0.6, gamma, mask=mask.to(device))
-    r = check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", D_TOL, assert_close,
+    r = check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", assert_close,
                                       mask=mask)
     assert not (m.retained.cpu() & ~mask[:, None, :]).any()
     # A row without tokens has the extremes of nothing.
@@ -905,7 +936,7 @@ def test_keep_matches_reference_drawn(backend, device, S, D, dtype, gamma, with_
     mask = torch.rand(2, S, generator=g) < 0.7 if with_mask else None
     m = minitriton.merge(xp, xc, 0.6, gamma, keep=keep.to(device),
                          mask=None if mask is None else mask.to(device))
-    check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", D_TOL, assert_close,
+    check_merge_against_reference(m, xp, xc, 0.6, gamma, "norm", assert_close,
                                   mask=mask, keep=keep)
 
 
@@ -953,7 +984,7 @@ def test_padding_without_an_angle_is_kept(backend, device):
     assert torch.isnan(minitriton.restore(m)[0][0, 1, 0, 3])
     assert m.retained[0, 0, 5] and torch.isfinite(m.d_min).all() and torch.isfinite(m.d_max).all()
     assert m.retained[0, 0].sum() < 6        # (a NaN extreme would retain the whole row)
-    check_merge_against_reference(m, xp, xc, 0.6, 0.1, "norm", D_TOL, assert_close, mask=mask)
+    check_merge_against_reference(m, xp, xc, 0.6, 0.1, "norm", assert_close, mask=mask)
 
 
 def test_mask_with_d_range(backend, device):
@@ -970,7 +1001,7 @@ def test_mask_with_d_range(backend, device):
     second = minitriton.merge(xp[:, :, 12:], xc[:, :, 12:], 0.6, 0.1, d_range=d_range,
                               mask=mask)
     check_merge_against_reference(second, xp[:, :, 12:], xc[:, :, 12:], 0.6, 0.1, "norm",
-                                  D_TOL, assert_close, d_range=d_range, mask=mask)
+                                  assert_close, d_range=d_range, mask=mask)
 
 
 # ---- bytes -----------------------------------------------------------------------------------
@@ -1131,6 +1162,37 @@ def test_layout_does_not_change_the_result(backend, device, dtype, layout):
             assert torch.equal(getattr(m, name), getattr(c, name)), (magnitude, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("layout", ["bshd", "sliced"])
+def test_strided_inputs_are_not_copied(device, monkeypatch, dtype, layout):
+    """Strided inputs (a `[B, S, H, D]` buffer, every other element of D) are read in place:
+    the only allocation as large as an input is e (no hidden `.contiguous()` of a layer; the
+    torch path copies chunks of at most 1 MiB per thread). On a CPU this checks the torch path
+    (the Triton interpreter itself copies every argument to numpy); on CUDA the kernels (the
+    torch path there works on whole tensors, with a float32 temporary of their size)."""
+    xp, xc = make_pair(2, 4, 2048, 64, dtype, device, layout=layout)
+    assert not xp.is_contiguous()
+    size = xp.numel() * xp.element_size()
+    for backend in (("triton",) if device.type == "cuda" else ("torch",)):
+        monkeypatch.setenv("MINITRITON_BACKEND", backend)
+        minitriton.merge(xp, xc, 0.6, 0.05)           # (warm-up: compilation, autotuning)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            m = minitriton.merge(xp, xc, 0.6, 0.05)
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - start - m.nbytes
+            assert extra < size // 2, (backend, extra)
+            continue
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            m = minitriton.merge(xp, xc, 0.6, 0.05)
+        big = [(e.name, e.self_cpu_memory_usage) for e in prof.events()
+               if e.self_cpu_memory_usage >= size]
+        assert len(big) == 1 and big[0][1] == m.e.numel() * m.e.element_size(), big
+
+
 # ---- the torch path's chunks -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "sliced"])
@@ -1155,7 +1217,7 @@ def test_torch_chunks_do_not_change_the_result(monkeypatch, dtype, layout, magni
         for name in ("e", "mag_prev", "mag_cur", "slot", "kept_prev", "kept_cur", "d_min",
                      "d_max"):
             assert torch.equal(getattr(m, name), getattr(whole, name)), (tokens, name)
-    check_merge_against_reference(m, xp, xc, 0.5, 0.1, magnitude, D_TOL, assert_close)
+    check_merge_against_reference(m, xp, xc, 0.5, 0.1, magnitude, assert_close)
 
 
 def test_torch_chunks_scale_with_threads():
