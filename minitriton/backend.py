@@ -10,6 +10,7 @@ The variable is read at every call, so tests and users can switch without re-imp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -59,3 +60,13 @@ def select_backend(device: torch.device) -> str:
             "need CUDA tensors, or TRITON_INTERPRET=1 (set before importing triton) to run them "
             "on CPU tensors through Triton's interpreter")
     return "triton"
+
+
+def on_device(device: torch.device):
+    """The context in which to launch kernels on tensors of `device`: Triton launches on the
+    current CUDA device and its current stream, not on the tensors' device, so a CUDA device
+    other than the current one (a model spread over several GPUs) is made current for the
+    launch; nothing to do elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -12,7 +12,7 @@ import torch
 
 from ._checks import (check_bool, check_has_data, check_head_dim, check_int, check_real,
                       check_same, check_tensor, plain)
-from .backend import select_backend
+from .backend import on_device, select_backend
 from .pair import MergedPair, check_pair, resolve_neg
 from .reference import FLOAT32_MAX
 
@@ -80,7 +80,9 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     launches, so a call can be captured in a CUDA graph and replayed; the lengths are read from
     their tensors at replay, so update `seq_lens`/`tail_lens`/`seq_starts` in place between
     replays. Pass `num_splits` (or keep S + T fixed) to keep the launch geometry that was
-    captured.
+    captured. Run the same call once before capturing it (same dtypes, head dim, layouts, tail
+    and `seq_starts` given or not): the first launch of each kernel variant compiles and loads
+    it, which a capture does not allow.
 
     Example:
         >>> k_m = minitriton.merge(k_prev, k_cur)          # [B, H, S, D] keys of layers l-1, l
@@ -98,8 +100,10 @@ def decode_attention(q: torch.Tensor, k: MergedPair, v: MergedPair, *, layer: st
     with torch.no_grad():   # not differentiable, on both backends
         if select_backend(q.device) == "triton":
             from .kernels.decode import decode_attention_triton
-            o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens,
-                                             tail_lens, scale, num_splits, seq_starts=seq_starts)
+            with on_device(q.device):
+                o, lse = decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens,
+                                                 tail_lens, scale, num_splits,
+                                                 seq_starts=seq_starts)
         else:
             from .torch_decode import decode_attention_torch
             o, lse = decode_attention_torch(q, k, v, layer, k_tail, v_tail, seq_lens,

@@ -7,8 +7,11 @@ import torch
 
 from ._checks import (PADDING, check_dense, check_has_data, check_head_dim, check_mask_dtype,
                       check_same, check_tensor, check_unit_interval, plain, token_mask)
-from .backend import select_backend
+from .backend import on_device, select_backend
 from .pair import MAGNITUDE_MODES, MergedPair, check_pair, resolve_neg
+
+# Token pairs a merge takes at most: slots (and the kernels' token indices) are int32.
+MAX_TOKENS = 2 ** 31 - 1
 
 
 def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: float = 0.05,
@@ -99,6 +102,11 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     check_same("x_cur", x_cur, "x_prev", x_prev)
     check_has_data("x_prev", x_prev)
     check_head_dim("x_prev", x_prev.shape[-1])
+    B, H, S, _ = x_prev.shape
+    if B * H * S > MAX_TOKENS:
+        raise ValueError(f"x_prev: {B * H * S} token pairs (B*H*S for shape "
+                         f"{tuple(x_prev.shape)}); merge takes at most {MAX_TOKENS} (its slots "
+                         f"and token indices are int32): merge fewer rows at a time")
     t = check_unit_interval("t", t)
     gamma = check_unit_interval("gamma", gamma)
     if magnitude not in MAGNITUDE_MODES:
@@ -117,7 +125,8 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
     with torch.no_grad():   # not differentiable: inputs that require grad are read as data
         if select_backend(x_prev.device) == "triton":
             from .kernels.merge import merge_triton
-            return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range, mask, keep)
+            with on_device(x_prev.device):
+                return merge_triton(x_prev, x_cur, t, gamma, magnitude, d_range, mask, keep)
         from .torch_merge import merge_torch
         return merge_torch(x_prev, x_cur, t, gamma, magnitude, d_range, mask, keep)
 
@@ -135,8 +144,9 @@ def restore(m: MergedPair, layer: str | None = None):
     inf.
 
     The Triton kernel is autotuned per head dim and dtype: its first call for each benchmarks
-    a few tile configs (host synchronisations), so call it once before capturing it in a CUDA
-    graph, or set MINITRITON_AUTOTUNE=0 before the first Triton call (one fixed config).
+    a few tile configs (host synchronisations; MINITRITON_AUTOTUNE=0 before the first Triton
+    call takes a fixed config per head dim instead), and the first launch of each kernel
+    variant compiles it: run the same call once before capturing it in a CUDA graph.
 
     A MergedPair built by hand is checked field by field; the values of its `slot` map (-1 or
     the rows of the store, each once) only on a CPU, where reading them costs no host
@@ -154,7 +164,8 @@ def restore(m: MergedPair, layer: str | None = None):
     with torch.no_grad():
         if select_backend(m.device) == "triton":
             from .kernels.restore import restore_triton
-            return restore_triton(m, layer)
+            with on_device(m.device):
+                return restore_triton(m, layer)
         from .torch_merge import restore_torch
         return restore_torch(m, layer)
 

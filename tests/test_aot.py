@@ -29,3 +29,33 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     from aot_compile import spills_checked
     if spills_checked():
         assert summary.group(3) == "0", proc.stdout[-3000:]
+
+
+def test_the_fixed_config_fits_each_head_dim():
+    """With MINITRITON_AUTOTUNE=0 on a GPU, merge pass 1 and restore launch the first config
+    their pruner keeps for the launch's BLOCK_D (one of the builds compiled above), not one
+    tile for every head dim; under the interpreter, the one config."""
+    from minitriton.kernels import common
+    from minitriton.kernels.merge import _prune as merge_prune
+    from minitriton.kernels.restore import _prune as restore_prune
+
+    class Recorder:
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launches.append(kwargs)
+
+    single = common.token_tile_configs()[0]
+    for prune in (merge_prune, restore_prune):
+        kernel = Recorder()
+        fixed = common._OneConfig(kernel, single, prune=prune)
+        for bd in (16, 32, 64, 128, 256):
+            fixed[(1,)](BLOCK_D=bd)
+            want = prune(common.token_tile_configs(), {}, BLOCK_D=bd)[0]
+            got = kernel.launches[-1]
+            assert (got["BLOCK_S"], got["num_warps"]) == (want.kwargs["BLOCK_S"],
+                                                          want.num_warps), bd
+    kernel = Recorder()
+    common._OneConfig(kernel, single)[(1,)](BLOCK_D=256)     # (the interpreter's: as given)
+    assert kernel.launches[-1]["BLOCK_S"] == single.kwargs["BLOCK_S"]

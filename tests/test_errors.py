@@ -75,6 +75,14 @@ def test_head_dim_out_of_range(backend, device, D):
     _raises(ValueError, f"x_prev: head dim D={D}", minitriton.merge, xp, xc)
 
 
+def test_too_many_tokens(backend, device):
+    """More token pairs than int32 slots can number: refused by name before anything is
+    allocated (the inputs here are stride-0 views of one token)."""
+    x = torch.zeros(1, 1, 1, 16, device=device).expand(2 ** 16, 2 ** 8, 129, 16)
+    _raises(ValueError, r"x_prev: 2164260864 token pairs \(B\*H\*S for shape \(65536, 256, "
+            r"129, 16\)\); merge takes at most 2147483647", minitriton.merge, x, x)
+
+
 @pytest.mark.parametrize("name", ["t", "gamma"])
 @pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, math.inf, math.nextafter(1.0, 2.0),
                                    -5e-324], ids=["-0.1", "1.5", "nan", "inf", "1+ulp", "-tiny"])
@@ -288,6 +296,35 @@ def test_dispatch(monkeypatch, device, variable):
     assert minitriton.restore(m)[0].shape == (1, 2, 5, 16)
     q = torch.randn(1, 4, 16, device=device)
     assert minitriton.decode_attention(q, m, m, layer="cur").shape == (1, 4, 16)
+
+
+def test_kernels_launch_on_their_tensors_device():
+    """Triton launches on the current CUDA device: the ops make the tensors' device current
+    for their launches (a CUDA device object, made without touching CUDA), and nothing on a
+    CPU."""
+    import contextlib
+
+    from minitriton.backend import on_device
+    guard = on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_device_other_than_the_current_one(monkeypatch):
+    """merge, restore and decode on cuda:1 while cuda:0 is current: same results as on cuda:0."""
+    monkeypatch.setenv("MINITRITON_BACKEND", "triton")
+    torch.cuda.set_device(0)
+    xp, xc = make_pair(2, 2, 37, 64, torch.bfloat16, "cpu", seed=3, outliers=2)
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+    out = {}
+    for dev in ("cuda:0", "cuda:1"):
+        m = minitriton.merge(xp.to(dev), xc.to(dev), 0.6, 0.2)
+        out[dev] = (m.e.cpu(), m.retained.cpu(), minitriton.restore(m)[1].cpu(),
+                    minitriton.decode_attention(q.to(dev), m, m, layer="cur").cpu())
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(out["cuda:0"], out["cuda:1"]):
+        assert torch.equal(a, b)
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch, pair):

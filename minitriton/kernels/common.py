@@ -101,8 +101,9 @@ def token_tile_autotune(kernel, prune, restore_value=()):
         if name not in kernel.arg_names:
             raise ValueError(f"restore_value: {name!r} is not an argument of {kernel.fn.__name__}")
     configs = token_tile_autotune_configs()
-    if len(configs) == 1:
-        return _OneConfig(kernel, configs[0], restore_value)
+    if len(configs) == 1:   # (on a GPU: the first config `prune` keeps for the launch's BLOCK_D)
+        return _OneConfig(kernel, configs[0], restore_value,
+                          None if interpreter_enabled() else prune)
     from triton.runtime.autotuner import Autotuner
 
     return Autotuner(kernel, kernel.arg_names, configs, ["D", "BLOCK_D"],
@@ -112,15 +113,20 @@ def token_tile_autotune(kernel, prune, restore_value=()):
 
 class _OneConfig:
     """`kernel[grid](...)` with the meta-parameters, warps and stages of one config (nothing
-    to tune, so `restore_value` is only recorded)."""
+    to tune, so `restore_value` is only recorded): `config`, or, given `prune`, the first of
+    `token_tile_configs()` that it keeps for the launch's BLOCK_D (MINITRITON_AUTOTUNE=0 on a
+    GPU: a config that fits the registers at every head dim, one of those the compile check
+    covers)."""
 
-    def __init__(self, kernel, config, restore_value=()):
+    def __init__(self, kernel, config, restore_value=(), prune=None):
         self.kernel, self.config, self.restore_value = kernel, config, tuple(restore_value)
+        self.prune = prune
 
     def __getitem__(self, grid):
-        c = self.config
-
         def launch(*args, **kwargs):
+            c = self.config
+            if self.prune is not None:
+                c = self.prune(token_tile_configs(), {}, BLOCK_D=kwargs["BLOCK_D"])[0]
             return self.kernel[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps,
                                      num_stages=c.num_stages)
         return launch

@@ -20,7 +20,8 @@ Everything runs in float32: tiles are upcast right after tl.load and the dots us
 input_precision="ieee" on float32 operands (decode is memory-bound, and a bf16/fp16 tl.dot is
 wrong in Triton's interpreter, so this is also the path that the CPU tests exercise).
 No host synchronisation: lengths stay on the device, all buffers are allocated before the
-launches, so the launcher can be captured in a CUDA graph.
+launches, so the launcher can be captured in a CUDA graph (once each kernel variant it
+launches has been compiled, by the same call outside the capture).
 """
 
 from __future__ import annotations
@@ -426,7 +427,7 @@ def decode_attention_triton(q, k, v, layer, k_tail, v_tail, seq_lens, tail_lens,
         workspace.stride(0), workspace.stride(1), workspace.stride(2),
         *out.stride(), *lse.stride(),
         OUT_MAX=out_max(out.dtype), BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd,
-        num_warps=1 if interpreter_enabled() else 4,
+        num_warps=1 if interpreter_enabled() else 4, num_stages=1,   # (as compiled ahead)
     )
     return out, lse
 
