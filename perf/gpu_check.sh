@@ -14,7 +14,8 @@
 #   env        env.txt: nvidia-smi, GPU, torch / triton / CUDA versions, commit
 #   tests      the kernel tests on CUDA tensors (MINITRITON_TEST_DEVICE=cuda: the Triton kernels
 #              compiled for the GPU, not the interpreter), junit XML; the CPU-only tests (the
-#              ahead-of-time compile check, the CPU perf harness, transformers) are left out
+#              ahead-of-time compile check, the cache, the CPU perf harness, transformers) are
+#              left out; one config per kernel and head dim (MINITRITON_AUTOTUNE=0)
 #   smoke      perf/sanitize_smoke.py: small launches with odd shapes, strides, ragged lengths
 #   sanitize   the same under compute-sanitizer memcheck, when it is installed and supports the
 #              device ("unavailable" otherwise: e.g. under gVisor)
@@ -31,6 +32,7 @@
 set -u
 OUT_DIR=${1:-${OUT:-perf/results/gpu-check}}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1     # (the repository root: tests, perf)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/minitriton-gpu-check.XXXXXX")
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -52,8 +54,8 @@ publish() {
     if compgen -G "$WORK/perf/*.md" > /dev/null; then
         cat "$WORK"/perf/*.md > "$OUT_DIR/perf.md"
     fi
-    if compgen -G "$WORK/perf/*.csv" > /dev/null; then
-        cat "$WORK"/perf/*.csv > "$OUT_DIR/perf.csv"
+    if compgen -G "$WORK/perf/*.csv" > /dev/null; then   # (one stamp and header: the first's)
+        awk 'FNR == NR || !/^(#|op,)/' "$WORK"/perf/*.csv > "$OUT_DIR/perf.csv"
     fi
     tar -czf "$OUT_DIR/gpu-check.tar.gz.part" -C "$WORK" . 2>/dev/null \
         && mv "$OUT_DIR/gpu-check.tar.gz.part" "$OUT_DIR/gpu-check.tar.gz"
@@ -101,6 +103,8 @@ commit() {
 
 write_env() {
     {
+        nvidia-smi 2>&1 || echo "nvidia-smi: not available"   # (first: no CUDA init needed)
+        echo
         echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
         echo "host: $(hostname)"
         echo "commit: $(commit)"
@@ -124,8 +128,6 @@ except Exception as exc:
     print("flash_attn: not importable:", type(exc).__name__)
 EOF
         echo "compute-sanitizer: ${SANITIZER:-not found}"
-        echo
-        nvidia-smi 2>&1 || echo "nvidia-smi: not available"
     } > "$WORK/env.txt" 2>&1
 }
 
@@ -150,7 +152,7 @@ EOF
 SANITIZER=$(find_sanitizer)
 export PY WORK SANITIZER
 export -f write_env commit
-step env 20 bash -c write_env
+step env 40 bash -c write_env
 
 # The kernel tests, the files that launch them first; one config per kernel (autotuning every
 # drawn shape would cost minutes; the perf steps autotune). pytest-xdist spreads the kernels'
@@ -164,20 +166,21 @@ XDIST=""
 # shellcheck disable=SC2086
 step tests 180 env MINITRITON_TEST_DEVICE=cuda MINITRITON_AUTOTUNE=0 "$PY" -c "$PYTEST" \
     -q -m "not model" -p no:cacheprovider $XDIST --junitxml="$WORK/tests.xml" \
-    tests/test_merge.py tests/test_decode.py tests/test_errors.py tests/test_decode_errors.py \
-    tests/test_cache.py
-step smoke 40 "$PY" perf/sanitize_smoke.py
+    tests/test_merge.py tests/test_decode.py tests/test_errors.py tests/test_decode_errors.py
+# (one config per head dim here too: under memcheck, autotuning's many timed launches would
+# take minutes)
+step smoke 40 env MINITRITON_AUTOTUNE=0 "$PY" perf/sanitize_smoke.py
 if [ -n "$SANITIZER" ] && [ -x "$SANITIZER" ]; then
-    step sanitize 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
-        --error-exitcode 1 "$PY" perf/sanitize_smoke.py
+    step sanitize 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 MINITRITON_AUTOTUNE=0 "$SANITIZER" \
+        --tool memcheck --report-api-errors no --error-exitcode 1 "$PY" perf/sanitize_smoke.py
 else
     echo "sanitize       unavailable: compute-sanitizer not found" | tee -a "$SUMMARY"
 fi
-step perf-merge 50 "$PY" -m perf.sweep --op merge --grid check --device cuda \
+step perf-merge 80 "$PY" -m perf.sweep --op merge --grid check --device cuda \
     --out "$WORK/perf" --no-progress
-step perf-restore 25 "$PY" -m perf.sweep --op restore --grid check --device cuda \
+step perf-restore 45 "$PY" -m perf.sweep --op restore --grid check --device cuda \
     --out "$WORK/perf" --no-progress
-step perf-decode 90 "$PY" -m perf.sweep --op decode --grid check --device cuda \
+step perf-decode 120 "$PY" -m perf.sweep --op decode --grid check --device cuda \
     --out "$WORK/perf" --no-progress
 
 {
