@@ -97,7 +97,14 @@ def e_tolerance(r, dtype) -> np.ndarray:
 
     sin = np.maximum(np.abs(np.sin(np.nan_to_num(r["d"]) * np.pi)), 1e-5)[..., None]
     cond = 4 * np.finfo(np.float32).eps / sin
-    return 2 * UNIT[dtype] * np.abs(r["e"]) + cond + 1e-6 + float(torch.finfo(dtype).tiny)
+    return 2 * UNIT[dtype] * np.abs(r["e"]) + cond + 1e-6 + _subnormal_step(dtype)
+
+
+def _subnormal_step(dtype) -> float:
+    """The spacing of `dtype`'s subnormal numbers: the error of rounding a value below its
+    smallest normal number."""
+    f = torch.finfo(dtype)
+    return float(f.tiny * f.eps)
 
 
 def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, assert_close,
@@ -150,7 +157,7 @@ def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, assert_close,
         # |mag| times e's error, the magnitude's float32 error, one rounding of the product
         # (an ulp at most), half-precision subnormals
         tol = (4 * UNIT[dtype] * np.abs(ref) + (2e-6 + cond) * token_norms(
-            xp if what == "prev" else xc) + float(torch.finfo(dtype).tiny))
+            xp if what == "prev" else xc) + _subnormal_step(dtype))
         err = np.abs(got.double().cpu().numpy() - ref)
         off = angle & ~(err <= tol)
         assert not off.any(), (f"restore {what}: {int(off.sum())} components off, first "
