@@ -1170,6 +1170,8 @@ def test_strided_inputs_are_not_copied(device, monkeypatch, dtype, layout):
     torch path copies chunks of at most 1 MiB per thread). On a CPU this checks the torch path
     (the Triton interpreter itself copies every argument to numpy); on CUDA the kernels (the
     torch path there works on whole tensors, with a float32 temporary of their size)."""
+    from minitriton import torch_merge
+    monkeypatch.setattr(torch_merge, "_chunk_bytes", lambda: 1 << 20)   # (as on one thread)
     xp, xc = make_pair(2, 4, 2048, 64, dtype, device, layout=layout)
     assert not xp.is_contiguous()
     size = xp.numel() * xp.element_size()
