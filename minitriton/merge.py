@@ -117,7 +117,6 @@ def merge(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float = 0.6, gamma: floa
         mask = _check_mask(mask, x_prev)
     if keep is not None:
         keep = _check_mask(keep, x_prev, "keep")
-    magnitude = str(magnitude)   # (e.g. a numpy.str_: the pair stores the plain str)
     # A view with torch's lazy negation bit (e.g. `z.conj().imag`) holds -x in its storage,
     # which is what a kernel reads: such inputs are materialised (no copy for any other).
     # Tensor subclasses are read as plain tensors (what the pair stores is plain).

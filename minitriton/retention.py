@@ -48,28 +48,19 @@ def retention_threshold(d_min: torch.Tensor, d_max: torch.Tensor, gamma: float) 
 
 
 def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                 d_range, select, mask=None, keep=None, counted_extremes=None) -> MergedPair:
+                 d_range, select, counted_extremes, mask=None, keep=None) -> MergedPair:
     """Retention from d and the row extremes, then the retained store. With a `mask` (bool
     `[B, S]`, False for padding) or a `keep` (bool `[B, S]`, True for a token kept as it is)
     the extremes are taken again from d over the other tokens (the backends' cover every
-    position): by `counted_extremes(d, mask, keep)` when the backend gives one (the Triton
-    path's kernel), else by torch ops. Half-precision pairs with a magnitude beyond the
-    dtype's range are retained (module docstring).
+    position) by the backend's `counted_extremes(d, mask, keep)`. Half-precision pairs with a
+    magnitude beyond the dtype's range are retained (module docstring).
 
     `select(thr, bound, mask, keep) -> (slot, kept_prev, kept_cur)` is the backend's: it marks
     the retained tokens from d, the float32 thresholds `[B, H]`, the range bound (None for
     float32) and the masks, numbers them, and reads only them into the compact store, whose
     size N it reads on the host (one synchronisation)."""
-    if (mask is not None or keep is not None) and counted_extremes is not None:
+    if mask is not None or keep is not None:
         d_min, d_max = counted_extremes(d, mask, keep)
-    elif (mask is not None or keep is not None) and d.shape[-1]:
-        counted = d == d                                # tokens with an angle
-        if mask is not None:
-            counted &= mask.unsqueeze(1)
-        if keep is not None:
-            counted &= ~keep.unsqueeze(1)
-        d_min = torch.where(counted, d, 2.0).amin(dim=-1)
-        d_max = torch.where(counted, d, -1.0).amax(dim=-1)
     if d_range is not None:   # (fmin / fmax: a NaN counts as no earlier extreme)
         d_min = torch.fmin(d_min, d_range[0].to(d_min))
         d_max = torch.fmax(d_max, d_range[1].to(d_max))
@@ -78,6 +69,22 @@ def finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magn
     slot, kept_prev, kept_cur = select(thr, bound, mask, keep)
     return MergedPair(e, mag_p, mag_c, slot, kept_prev, kept_cur, d_min, d_max,
                       float(t), float(gamma), magnitude)
+
+
+def counted_extremes_torch(d, mask, keep):
+    """float32 `[B, H]` d_min, d_max over the tokens that count (with an angle, not padding,
+    not kept), in torch ops (the torch path's; the Triton path's kernel takes them in one
+    pass). 2 / -1 for a row with none."""
+    B, H, S = d.shape
+    if not S:   # (the extremes of nothing)
+        return (torch.full((B, H), 2.0, dtype=torch.float32, device=d.device),
+                torch.full((B, H), -1.0, dtype=torch.float32, device=d.device))
+    counted = d == d                                # tokens with an angle
+    if mask is not None:
+        counted &= mask.unsqueeze(1)
+    if keep is not None:
+        counted &= ~keep.unsqueeze(1)
+    return torch.where(counted, d, 2.0).amin(dim=-1), torch.where(counted, d, -1.0).amax(dim=-1)
 
 
 def retained_mask(d, thr, mag_p, mag_c, magnitude, bound, mask=None, keep=None):

@@ -22,7 +22,7 @@ import torch
 from ._upcast import chunked, upcast_chunks
 from .pair import MergedPair, _layer_parts, _slots_from_mask
 from .reference import FLOAT32_MAX, LERP_EPS, MIN_NORMAL, SIN_EPS
-from .retention import finish_merge, retained_mask
+from .retention import counted_extremes_torch, finish_merge, retained_mask
 
 # arccos of a rounded cosine (float32 dot over float32 norms, ~1e-6 relative) is off by up to
 # ~sqrt(2e-6) near 0 and pi, where SLERP's weights are ill conditioned. Tokens whose angle is
@@ -281,7 +281,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
         return (_slots_from_mask(retained), *gather_retained_torch(x_prev, x_cur, retained))
 
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
-                        d_range, select, mask=mask, keep=keep)
+                        d_range, select, counted_extremes_torch, mask=mask, keep=keep)
 
 
 def _token_views(x_prev, x_cur, chunked: bool):

@@ -376,7 +376,7 @@ def merge_triton(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: flo
     return finish_merge(x_prev, x_cur, e, mag_p, mag_c, d, d_min, d_max, t, gamma, magnitude,
                         d_range, lambda thr, bound, mask, keep: select_retained_triton(
                             x_prev, x_cur, e, mag_p, mag_c, d, thr, bound, mask, keep),
-                        mask=mask, keep=keep, counted_extremes=counted_extremes_triton)
+                        counted_extremes_triton, mask=mask, keep=keep)
 
 
 def aot_specs() -> list:
