@@ -121,12 +121,19 @@ class _OneConfig:
     def __init__(self, kernel, config, restore_value=(), prune=None):
         self.kernel, self.config, self.restore_value = kernel, config, tuple(restore_value)
         self.prune = prune
+        self._by_block_d: dict = {}   # BLOCK_D -> the config `prune` keeps first (chosen once)
+
+    def _config(self, block_d):
+        if self.prune is None:
+            return self.config
+        if block_d not in self._by_block_d:
+            self._by_block_d[block_d] = self.prune(token_tile_configs(), {},
+                                                   BLOCK_D=block_d)[0]
+        return self._by_block_d[block_d]
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            c = self.config
-            if self.prune is not None:
-                c = self.prune(token_tile_configs(), {}, BLOCK_D=kwargs["BLOCK_D"])[0]
+            c = self._config(kwargs["BLOCK_D"])
             return self.kernel[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps,
                                      num_stages=c.num_stages)
         return launch
