@@ -95,9 +95,14 @@ def e_tolerance(r, dtype) -> np.ndarray:
     bfloat16), and half-precision subnormals."""
     from conftest import UNIT
 
+    return 2 * UNIT[dtype] * np.abs(r["e"]) + _conditioning(r) + 1e-6 + _subnormal_step(dtype)
+
+
+def _conditioning(r) -> np.ndarray:
+    """`[..., 1]`: float32's error in e's direction, relative to |e| = 1, at the reference's
+    angles: 4 eps / sin(Omega) (near pi the direction itself is ill conditioned)."""
     sin = np.maximum(np.abs(np.sin(np.nan_to_num(r["d"]) * np.pi)), 1e-5)[..., None]
-    cond = 4 * np.finfo(np.float32).eps / sin
-    return 2 * UNIT[dtype] * np.abs(r["e"]) + cond + 1e-6 + _subnormal_step(dtype)
+    return 4 * np.finfo(np.float32).eps / sin
 
 
 def _subnormal_step(dtype) -> float:
@@ -149,8 +154,7 @@ def check_merge_against_reference(m, xp, xc, t, gamma, magnitude, assert_close,
     xp_hat, xc_hat = minitriton.restore(m)
     keep = retained[..., None]
     angle = ~np.isnan(r["d"])[..., None]
-    sin = np.maximum(np.abs(np.sin(np.nan_to_num(r["d"]) * np.pi)), 1e-5)[..., None]
-    cond = 4 * np.finfo(np.float32).eps / sin
+    cond = _conditioning(r)
     for got, x, mag, what in ((xp_hat, r["x_prev"], r["mag_prev"], "prev"),
                               (xc_hat, r["x_cur"], r["mag_cur"], "cur")):
         ref = np.where(keep, x, mag[..., None] * r["e"])
