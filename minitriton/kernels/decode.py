@@ -259,19 +259,21 @@ def _decode_reduce_kernel(
 # ---- configs ---------------------------------------------------------------------------------
 # BLOCK_D -> (BLOCK_N, num_warps, num_stages) on a GPU. The dots run on CUDA cores (float32
 # FMA), whose operand layouts hold whole rows of q and k per thread, so registers, not
-# bandwidth, bound the tiles: each entry compiles without spills (as ptxas reports them) for
-# sm_80 and sm_90 in every dtype, at 75-255 registers. D = 16 with BLOCK_N = 64 spilled 24 bytes
-# on sm_90, D = 128 with BLOCK_N = 32 spilled 24 bytes on sm_80, 4 warps spilled kilobytes, and
-# software pipelining (num_stages > 1) doubled the registers. D = 256 depends on the compiler:
-# BLOCK_N = 32 runs at 255 registers without spills from triton 3.7, but spills 24-112 bytes
-# with triton 3.2-3.6 on sm_80; BLOCK_N = 16 is the reverse (no spills with 3.2-3.6, 280-880
-# bytes with 3.9).
+# bandwidth, bound the tiles. With triton 3.9, ptxas run as Triton runs it
+# (tests/aot_compile.py) compiles each entry for sm_80 and sm_90 in every dtype at 48-255
+# registers, without spills but in three builds at D = 32 with row starts on sm_80, where ptxas
+# chooses 64 registers and 16-36 bytes of spills (none when given the block's register budget).
+# Not kept: D = 16 with BLOCK_N = 64 (48 bytes of spills by ptxas's choice on sm_90), 4 warps
+# (kilobytes of spills at D = 32 and 64 in float32), software pipelining (num_stages > 1
+# doubled the registers). D = 256 depends on the compiler: BLOCK_N = 32 runs at 255 registers
+# without spills from triton 3.7, but spilled 24-112 bytes with triton 3.2-3.6 on sm_80;
+# BLOCK_N = 16 is the reverse (no spills with 3.2-3.6, 280-880 bytes with 3.9).
 _GPU_CONFIGS = {16: (32, 8, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (16, 8, 1),
                 256: (32, 8, 1)}
 _GPU_CONFIGS_BEFORE_3_7 = {256: (16, 8, 1)}
-# With row starts and a tail (HAS_STARTS, HAS_TAIL), D = 256 at 8 warps sits at 255
-# registers and spills 4-8 bytes with triton 3.9 in some dtypes; 16 warps halve each thread's
-# share of the tiles (128 registers, no spills) at the same programs per multiprocessor.
+# With row starts and a tail (HAS_STARTS, HAS_TAIL), D = 256 at 8 warps takes up to 255 registers
+# (one program of 8 warps per multiprocessor); 16 warps halve each thread's share of the tiles
+# (128 registers, no spills): twice the warps per multiprocessor, at the same programs.
 # (Without a tail, 16 warps spill kilobytes and 8 do not.)
 _GPU_CONFIGS_STARTS_TAIL = {256: (32, 16, 1)}
 
