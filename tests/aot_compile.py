@@ -40,9 +40,9 @@ import time
 # change; the kernels are checked as users' GPUs compile them today.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-# The (major, minor) tritons whose compilers every config is checked spill-free with: 3.5, 3.6
-# and 3.9. The others compile every config too, with spills in some of them (README, Versions),
-# which are printed but not a failure.
+# The (major, minor) tritons whose compilers build every config without a forced spill: 3.5,
+# 3.6 and 3.9. The others compile every config too, with spills in some of them (README,
+# Versions), which are printed but not a failure.
 SPILL_FREE = {(3, 5), (3, 6), (3, 9)}
 # Builds whose spills are printed but never a failure: decode's WIDE_D (int64 offsets along D
 # for e and the retained rows), which only a hand-built view of a pair with a D stride above
