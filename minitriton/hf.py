@@ -583,9 +583,11 @@ def track_padding(model):
 
     Example:
         >>> tokenizer.padding_side = "left"
+        >>> tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token   # (if it has none)
         >>> enc = tokenizer(prompts, padding=True, return_tensors="pt")
         >>> cache = MiniCacheHF(model.config)
-        >>> out = track_padding(model).generate(**enc, **cache_kwargs(model, cache))
+        >>> out = track_padding(model).generate(**enc, **cache_kwargs(model, cache),
+        ...                                     max_new_tokens=16)
     """
     modules = [model]
     decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
