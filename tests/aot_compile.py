@@ -9,18 +9,20 @@ flags, recorded from one compile; see `_triton_ptxas_argv`); exits 1 on a compil
 on a spill with the tritons in SPILL_FREE (3.5, 3.6, 3.9; other versions print their spills).
 A spill that ptxas chooses (fewer registers than the block allows, for occupancy) is printed
 as "spills by choice" and is not a failure when the same build, told the block's register
-budget (`maxnreg`), compiles without any: the kernel does not force it. Must run without
-TRITON_INTERPRET (the interpreter replaces @triton.jit functions). Used by tests/test_aot.py.
+budget (`maxnreg`), compiles without any (the kernel does not force it) and it is at most
+BY_CHOICE_MAX_BYTES. Must run without TRITON_INTERPRET (the interpreter replaces
+@triton.jit functions). Used by tests/test_aot.py.
 
-Each config is compiled twice (on tritons whose JIT describes a launch by `parse_attr`, 3.3
-on). First as a build that any launch may get: every integer argument a plain i32/i64, no
-pointer alignment assumed. Then (names ending in "+spec") as the build a GPU compiles for
-typical inputs: Triton's JIT specialises each launch on its arguments (a pointer aligned to 16
-bytes, an integer that is a multiple of 16, or 1, which becomes a constant), and these builds
-take the specialisation from real launches (`capture_launches`: each op run once under the
-interpreter on contiguous inputs with a head dim of 128 and token counts that are multiples of
-16, the arguments specialised as the JIT does for a CUDA target). The specialised builds load
-and store along D in 16-byte vectors; their registers differ from the plain builds'.
+Each config but decode's WIDE_D ones is compiled twice (where `specialisation_supported`).
+First as a build that any launch may get: every integer argument a plain i32/i64, no pointer
+alignment assumed. Then (names ending in "+spec") as the build a GPU compiles for typical
+inputs: Triton's JIT specialises each launch on its arguments (a pointer aligned to 16 bytes,
+an integer that is a multiple of 16, or 1, which becomes a constant; not the token counts and
+split sizes the kernels list in `do_not_specialize`), and these builds take the specialisation
+from real launches (`capture_launches`: each op run once under the interpreter on contiguous
+inputs with a head dim of 128, the arguments specialised as the JIT does for a CUDA target).
+The specialised builds load and store along D in 16-byte vectors; their registers differ from
+the plain builds'.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ SPILL_FREE = {(3, 5), (3, 6), (3, 9)}
 # for e and the retained rows), which only a hand-built view of a pair with a D stride above
 # 2^31 / (D - 1) launches.
 SPILLS_TOLERATED = re.compile(r"_wideD$")
+# A spill ptxas chooses (the build compiles without any when told the block's register
+# budget) is printed but not a failure up to this many bytes (stores and loads): ptxas trades
+# a few bytes of local memory for occupancy (8-56 seen with triton 3.6 and 3.9); more would
+# cost a launch more than it gains, and fails.
+BY_CHOICE_MAX_BYTES = 64
 
 
 def spills_checked() -> bool:
@@ -94,12 +101,13 @@ def capture_launches() -> list:
     """How Triton's JIT specialises the kernels' launches on typical inputs, for a CUDA target:
     [(kernel name, {argument: [type, key]}, {constexpr argument: value})], key "D" for a
     pointer aligned to 16 bytes or an integer divisible by 16, type "constexpr" for an
-    integer equal to 1. Runs merge (plain; with a padding mask and kept tokens; projection),
-    restore (both layers; one) and decode (plain; with a tail and row starts) once through
-    the kernels under the interpreter (TRITON_INTERPRET=1 and MINITRITON_BACKEND=triton must
-    be set), on contiguous bfloat16 inputs (the other dtypes launch with the same integers
-    and alignment): B = 1, H = 4 (4 query heads per KV head for decode), S = 1040 tokens (a
-    multiple of 16 that takes two of the mark kernel's tiles), D = 128, a tail of 16 tokens."""
+    integer equal to 1 (arguments a kernel lists in `do_not_specialize`, such as token counts,
+    are not specialised, as in the JIT). Runs merge (plain; with a padding mask, kept tokens,
+    both; projection), restore (both layers; each) and decode (with and without a tail and
+    row starts) once through the kernels under the interpreter (TRITON_INTERPRET=1 and
+    MINITRITON_BACKEND=triton must be set), on contiguous bfloat16 and float32 inputs:
+    B = 1, H = 4 (4 query heads per KV head for decode), S = 48 tokens, D = 128, a tail of 16
+    tokens."""
     import torch
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
@@ -112,14 +120,23 @@ def capture_launches() -> list:
 
     def run(self, *args, grid, warmup, **kwargs):
         params = inspect.signature(self.fn).parameters
+        # As the JIT: the arguments the kernel lists in do_not_specialize (names or indices)
+        # are not specialised on their value (divisible by 16, equal to 1), those in
+        # do_not_specialize_on_alignment not on it.
+        fixed, unaligned = ({self.arg_names[i] if isinstance(i, int) else i
+                             for i in self.kwargs.get(key) or ()}
+                            for key in ("do_not_specialize", "do_not_specialize_on_alignment"))
         bound = dict(zip(self.arg_names, args))
         bound.update({k: v for k, v in kwargs.items() if k in params})
         spec, consts = {}, {}
         for name, value in bound.items():
             if "constexpr" in str(params[name].annotation):
                 consts[name] = value
+            elif value is None:
+                spec[name] = ["constexpr", None]
             elif isinstance(value, (torch.Tensor, int)) and not isinstance(value, bool):
-                ty, key = native_specialize_impl(CUDABackend, value, False, True, True)
+                ty, key = native_specialize_impl(CUDABackend, value, False, name not in fixed,
+                                                 name not in unaligned)
                 spec[name] = [ty, key]
         records.append((self.fn.__name__, spec, consts))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -127,23 +144,25 @@ def capture_launches() -> list:
     InterpretedFunction.run = run
     try:
         g = torch.Generator().manual_seed(0)
-        B, H, S, D, G, T = 1, 4, 1040, 128, 4, 16
-        dtype = torch.bfloat16
-        x = [torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(2)]
+        B, H, S, D, G, T = 1, 4, 48, 128, 4, 16
         mask = torch.ones(B, S, dtype=torch.bool)
         mask[:, :5] = False
         keep = torch.zeros(B, S, dtype=torch.bool)
         keep[:, :4] = True
-        m = minitriton.merge(*x, 0.6, 0.3)
-        minitriton.merge(*x, 0.6, 0.3, mask=mask, keep=keep)
-        minitriton.merge(*x, 0.6, 0.3, "projection")
-        minitriton.restore(m)
-        minitriton.restore(m, layer="cur")
-        q = torch.randn(B, H * G, D, generator=g).to(dtype)
-        tail = torch.randn(B, H, T, D, generator=g).to(dtype)
-        minitriton.decode_attention(q, m, m, layer="cur")
-        minitriton.decode_attention(q, m, m, layer="prev", k_tail=tail, v_tail=tail,
-                                    seq_starts=torch.tensor([3], dtype=torch.int32))
+        starts = torch.tensor([3], dtype=torch.int32)
+        for dtype in (torch.bfloat16, torch.float32):   # (the range rule: half dtypes only)
+            x = [torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(2)]
+            m = minitriton.merge(*x, 0.6, 0.3)
+            for kw in (dict(mask=mask), dict(keep=keep), dict(mask=mask, keep=keep)):
+                minitriton.merge(*x, 0.6, 0.3, **kw)
+            minitriton.merge(*x, 0.6, 0.3, "projection")
+            for layer in (None, "prev", "cur"):
+                minitriton.restore(m, layer=layer)
+            q = torch.randn(B, H * G, D, generator=g).to(dtype)
+            tail = torch.randn(B, H, T, D, generator=g).to(dtype)
+            for kw in ({}, dict(k_tail=tail, v_tail=tail), dict(seq_starts=starts),
+                       dict(k_tail=tail, v_tail=tail, seq_starts=starts)):
+                minitriton.decode_attention(q, m, m, layer="cur", **kw)
     finally:
         InterpretedFunction.run = original
     return records
@@ -151,8 +170,9 @@ def capture_launches() -> list:
 
 def specialise(spec, launches):
     """The build of `spec` that the JIT compiles for the captured launch of its kernel with the
-    most pointer types and constexprs in common (an absent mask is a placeholder pointer of
-    another type), or None (none captured, or a build in NOT_TYPICAL). The spec's own pointer
+    same boolean constexprs (the variant: tail, row starts, mask, ...) and the most pointer
+    types and other constexprs in common (an absent mask is a placeholder pointer of another
+    type), or None (none captured, or a build in NOT_TYPICAL). The spec's own pointer
     types and constexprs stay; the launch gives the integers' types, the alignment and
     divisibility attributes, and the integers equal to 1."""
     from triton.backends.nvidia.compiler import CUDABackend
@@ -163,9 +183,10 @@ def specialise(spec, launches):
     pointers = [a for a, ty in sig.items() if ty.startswith("*")]
     best, score = None, -1
     for kernel, args, launch_consts in launches:
-        if kernel != fn.__name__:
+        if kernel != fn.__name__ or any(isinstance(v, bool) and launch_consts.get(k) != v
+                                        for k, v in consts.items()):
             continue
-        n = (sum(args[a][0] == sig[a] for a in pointers)
+        n = (sum(args.get(a, [None])[0] == sig[a] for a in pointers)
              + sum(launch_consts.get(k) == v for k, v in consts.items()))
         if n > score:
             best, score = args, n
@@ -175,7 +196,7 @@ def specialise(spec, launches):
     for a, (ty, key) in best.items():
         if sig.get(a, "constexpr") == "constexpr":
             continue
-        if ty == "constexpr":        # an integer equal to 1
+        if ty == "constexpr":        # an integer equal to 1 (or None)
             sig[a], consts[a] = "constexpr", key
             continue
         if not sig[a].startswith("*"):
@@ -187,10 +208,19 @@ def specialise(spec, launches):
 
 
 def specialisation_supported() -> bool:
-    """Whether this triton describes a launch's specialisation as the JIT's `parse_attr` does
-    (triton >= 3.3): the specialised builds need it."""
+    """Whether the specialised builds can be made here: this triton specialises a launch with
+    `native_specialize_impl` and describes it by `parse_attr` as the JIT does (triton >= 3.5
+    or so), and its interpreter can run every op for the capture (decode's loops need
+    triton >= 3.7 or numpy < 2.4)."""
     from triton.backends.compiler import BaseBackend
-    return hasattr(BaseBackend, "parse_attr")
+
+    from minitriton.kernels.decode import _check_interpreter_loops
+    from triton._C import libtriton
+    try:
+        _check_interpreter_loops()
+    except RuntimeError:
+        return False
+    return hasattr(libtriton, "native_specialize_impl") and hasattr(BaseBackend, "parse_attr")
 
 
 def _launches_from_subprocess() -> list:
@@ -315,15 +345,18 @@ def compile_one(index: int, cc: int):
         options = {"num_warps": num_warps, "num_stages": num_stages}
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         usage = resource_usage(k.asm["ptx"], cc)
-        if usage["SPILL_ST"] + usage["SPILL_LD"]:
-            # Did ptxas choose to spill (a register count below what the block allows, for
-            # occupancy), or must it? The same build told the block's register budget.
+    except Exception as exc:  # report every failure, not only the first
+        return name, cc, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    if usage["SPILL_ST"] + usage["SPILL_LD"] and not SPILLS_TOLERATED.search(name):
+        # Did ptxas choose to spill (fewer registers than the block allows, for occupancy),
+        # or must it? The same build, told the block's register budget.
+        try:
             budget = min(255, 65536 // (32 * num_warps))
             capped = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                     options={**options, "maxnreg": budget})
             usage["BUDGETED"] = resource_usage(capped.asm["ptx"], cc)
-    except Exception as exc:  # report every failure, not only the first
-        return name, cc, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        except Exception:   # (a triton without maxnreg: the spill counts as forced)
+            pass
     usage["SMEM"] = max(usage["SMEM"], int(k.metadata.shared))
     usage["seconds"] = round(time.perf_counter() - t0, 2)
     return name, cc, usage, None
@@ -379,7 +412,8 @@ def main(argv=None) -> int:
             if spill and SPILLS_TOLERATED.search(name):
                 tolerated += 1
                 note = "  spills (tolerated)"
-            elif spill and budgeted and not budgeted["SPILL_ST"] + budgeted["SPILL_LD"]:
+            elif (spill and budgeted and not budgeted["SPILL_ST"] + budgeted["SPILL_LD"]
+                  and spill <= BY_CHOICE_MAX_BYTES):
                 chosen += 1     # ptxas traded them for occupancy: not forced by the kernel
                 note = f"  spills by choice (none at {budgeted['REG']} registers)"
             elif spill:
@@ -391,7 +425,7 @@ def main(argv=None) -> int:
         print(f"{name:58s} no launch captured for its specialised build")
     n_spec = sum(specs[i][0].endswith("+spec") for i, _ in jobs)
     print(f"{len(jobs)} compiles ({n_spec} specialised"
-          f"{'' if launches is not None else ': not supported by this triton, or --plain'}), "
+          f"{'' if launches is not None else ': none made (--plain, specialisation_supported)'}), "
           f"{failed} failed, {spilled} spilled (triton {triton.__version__}"
           f"{'' if strict else '; spills are checked with triton 3.5, 3.6 and 3.9'}; "
           f"{chosen} spilling by ptxas's choice, {tolerated} tolerated spills in WIDE_D builds)")

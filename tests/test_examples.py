@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -21,9 +22,11 @@ import torch
 import minitriton
 from minitriton import MergePlan, MiniCache, PairSpec
 
-MODULES = ["minitriton.merge", "minitriton.pair", "minitriton.decode", "minitriton.plan",
-           "minitriton.cache", "minitriton.hf", "minitriton.assets", "minitriton.evaluate",
-           "minitriton.calibrate", "minitriton.plots"]
+# Every module of the package but the command line's entry point (those that cannot be
+# imported here, e.g. minitriton.hf without transformers, are left out).
+MODULES = ["minitriton"] + [m.name for m in pkgutil.walk_packages(minitriton.__path__,
+                                                                   "minitriton.")
+                            if not m.name.endswith("__main__")]
 # Docstrings whose examples need the embedded model and its tokenizer.
 NEEDS_MODEL = {"minitriton.hf", "minitriton.hf.track_padding",
                "minitriton.cache.MiniCache.set_attention_mask", "minitriton.assets"}
@@ -38,7 +41,7 @@ def _docstrings() -> dict:
     for name in MODULES:
         try:
             module = importlib.import_module(name)
-        except ImportError:   # (minitriton.hf without transformers)
+        except ImportError:
             continue
         for test in finder.find(module):
             if test.examples:
