@@ -261,10 +261,11 @@ def _decode_reduce_kernel(
 # FMA), whose operand layouts hold whole rows of q and k per thread, so registers, not
 # bandwidth, bound the tiles. With triton 3.9, ptxas run as Triton runs it
 # (tests/aot_compile.py) compiles each entry for sm_80 and sm_90 in every dtype at 48-255
-# registers, without spills but in three builds at D = 32 with row starts on sm_80, where ptxas
-# chooses 64 registers and 16-36 bytes of spills (none when given the block's register budget).
+# registers, without spills but in three builds specialised for aligned inputs on sm_80
+# (float32 at D = 32 with a tail, float16 at D = 256 with a tail and row starts), where ptxas
+# chooses 64 registers and 8-40 bytes of spills (none when given the block's register budget).
 # Not kept: D = 16 with BLOCK_N = 64 (48 bytes of spills by ptxas's choice on sm_90), 4 warps
-# (kilobytes of spills at D = 32 and 64 in float32), software pipelining (num_stages > 1
+# (up to 556 bytes of spills at D = 64 in float32), software pipelining (num_stages > 1
 # doubled the registers). D = 256 depends on the compiler: BLOCK_N = 32 runs at 255 registers
 # without spills from triton 3.7, but spilled 24-112 bytes with triton 3.2-3.6 on sm_80;
 # BLOCK_N = 16 is the reverse (no spills with 3.2-3.6, 280-880 bytes with 3.9).
