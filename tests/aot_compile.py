@@ -209,8 +209,8 @@ def specialise(spec, launches):
 
 def specialisation_supported() -> bool:
     """Whether the specialised builds can be made here: this triton specialises a launch with
-    `native_specialize_impl` and describes it by `parse_attr` as the JIT does (triton >= 3.5
-    or so), and its interpreter can run every op for the capture (decode's loops need
+    `native_specialize_impl` and describes it by `parse_attr` as the JIT does (3.6 and 3.9
+    checked), and its interpreter can run every op for the capture (decode's loops need
     triton >= 3.7 or numpy < 2.4)."""
     from triton.backends.compiler import BaseBackend
 
