@@ -212,10 +212,10 @@ def specialisation_supported() -> bool:
     `native_specialize_impl` and describes it by `parse_attr` as the JIT does (3.6 and 3.9
     checked), and its interpreter can run every op for the capture (decode's loops need
     triton >= 3.7 or numpy < 2.4)."""
+    from triton._C import libtriton
     from triton.backends.compiler import BaseBackend
 
     from minitriton.kernels.decode import _check_interpreter_loops
-    from triton._C import libtriton
     try:
         _check_interpreter_loops()
     except RuntimeError:
