@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 
 
+# The script's last line: compiles, specialised builds, failures, forced spills.
+SUMMARY = r"(\d+) compiles \((\d+) specialised[^)]*\), (\d+) failed, (\d+) spilled"
+
+
 def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -27,8 +31,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
     print(proc.stderr[-3000:], file=sys.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
-    summary = re.search(r"(\d+) compiles \((\d+) specialised[^)]*\), (\d+) failed, "
-                        r"(\d+) spilled", proc.stdout)
+    summary = re.search(SUMMARY, proc.stdout)
     assert summary and int(summary.group(1)) > 0 and summary.group(3) == "0", proc.stdout[-3000:]
     from aot_compile import specialisation_supported, spills_checked
     if specialisation_supported():   # every plain build but WIDE_D's has a specialised twin
@@ -39,9 +42,26 @@ def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
         usage = {(name, target): (regs, smem) for name, target, regs, smem in re.findall(
             r"^(\S+)\s+(sm_\d+)\s+(\d+)\s+(\d+)", proc.stdout, re.M)}
         plain = ("merge[bf16,BD=128,proj=1,BS=8,w=4]", "sm_90")
-        assert usage[plain] != usage[(plain[0] + "+spec", plain[1])], proc.stdout[-3000:]
+        spec = (plain[0] + "+spec", plain[1])
+        assert plain in usage and spec in usage, f"{plain} is no longer a config: pick another"
+        assert usage[plain] != usage[spec], proc.stdout[-3000:]
     if spills_checked():
         assert summary.group(4) == "0", proc.stdout[-3000:]
+
+
+def test_plain_builds_alone_report_the_same_summary():
+    """--plain (what runs where the launches cannot be captured): the plain builds only, and a
+    summary line the test above reads."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("aot_compile.py")
+    proc = subprocess.run([sys.executable, str(script), "--plain", "--only", "^number$"],
+                          capture_output=True, text=True, env=env, cwd=script.parent.parent,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = re.search(SUMMARY, proc.stdout)
+    assert summary and summary.groups()[:3] == ("2", "0", "0"), proc.stdout[-3000:]
+    assert "+spec" not in proc.stdout
 
 
 def test_the_fixed_config_fits_each_head_dim():

@@ -245,7 +245,9 @@ def _number_kernel(flag_ptr, start_ptr, slot_ptr, idx_ptr, S, n_tiles, BLOCK_S: 
     tl.store(idx_ptr + row, tok, mask=m_s & (flag != 0))
 
 
-@triton.jit
+# N (the retained tokens: the data's) and S are not specialised: a new N would otherwise build
+# the kernel again whenever it turns 1, a multiple of 16, or neither.
+@triton.jit(do_not_specialize=["N", "S"])
 def _gather_kernel(
     xp_ptr, xc_ptr, idx_ptr, kp_ptr, kc_ptr, e_ptr, magp_ptr, magc_ptr, d_ptr,
     N, H, S, D,
