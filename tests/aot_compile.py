@@ -82,20 +82,25 @@ def plain_specs():
 
 
 _LAUNCHES = None   # the captured launches (set in each process by `_use_launches`)
+_SPECS = None      # all_specs() for them, built once per process
 
 
 def _use_launches(launches) -> None:
-    global _LAUNCHES
-    _LAUNCHES = launches
+    global _LAUNCHES, _SPECS
+    _LAUNCHES, _SPECS = launches, None
 
 
 def all_specs():
     """The plain specs, then their specialised builds (when launches were captured): each
-    spec has a 7th item, the attributes (`{(arg index,): [["tt.divisibility", 16]]}`)."""
-    specs = [(*s, {}) for s in plain_specs()]
-    if _LAUNCHES:
-        specs += [x for s in specs if (x := specialise(s, _LAUNCHES)) is not None]
-    return specs
+    spec has a 7th item, the attributes (`{(arg index,): [["tt.divisibility", 16]]}`). Built
+    once per process and set of launches (each compile job looks its spec up by index)."""
+    global _SPECS
+    if _SPECS is None:
+        specs = [(*s, {}) for s in plain_specs()]
+        if _LAUNCHES:
+            specs += [x for s in specs if (x := specialise(s, _LAUNCHES)) is not None]
+        _SPECS = specs
+    return _SPECS
 
 
 def capture_launches() -> list:
@@ -345,8 +350,9 @@ def compile_one(index: int, cc: int):
             else "constants"
         extra = {"attrs": attrs} if attrs else {}
         src = ASTSource(fn=fn, signature=sig, **{kw: constexprs}, **extra)
+        target = GPUTarget("cuda", cc, 32)
         options = {"num_warps": num_warps, "num_stages": num_stages}
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        k = triton.compile(src, target=target, options=options)
         usage = resource_usage(k.asm["ptx"], cc)
     except Exception as exc:  # report every failure, not only the first
         return name, cc, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -355,8 +361,7 @@ def compile_one(index: int, cc: int):
         # or must it? The same build, told the block's register budget.
         try:
             budget = min(255, 65536 // (32 * num_warps))
-            capped = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                    options={**options, "maxnreg": budget})
+            capped = triton.compile(src, target=target, options={**options, "maxnreg": budget})
             usage["BUDGETED"] = resource_usage(capped.asm["ptx"], cc)
         except Exception:   # (a triton without maxnreg: the spill counts as forced)
             pass

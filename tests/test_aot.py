@@ -21,12 +21,17 @@ import pytest
 SUMMARY = r"(\d+) compiles \((\d+) specialised[^)]*\), (\d+) failed, (\d+) spilled"
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
+def _run_check(*args: str, timeout: int):
+    """tests/aot_compile.py with `args`, in a process without the interpreter."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("aot_compile.py")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                          cwd=script.parent.parent, timeout=1200)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env=env, cwd=script.parent.parent, timeout=timeout)
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
+    proc = _run_check(timeout=1200)
     print(proc.stdout[-20000:])
     print(proc.stderr[-3000:], file=sys.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,12 +57,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_forced_spills():
 def test_plain_builds_alone_report_the_same_summary():
     """--plain (what runs where the launches cannot be captured): the plain builds only, and a
     summary line the test above reads."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("aot_compile.py")
-    proc = subprocess.run([sys.executable, str(script), "--plain", "--only", "^number$"],
-                          capture_output=True, text=True, env=env, cwd=script.parent.parent,
-                          timeout=600)
+    proc = _run_check("--plain", "--only", "^number$", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = re.search(SUMMARY, proc.stdout)
     assert summary and summary.groups()[:3] == ("2", "0", "0"), proc.stdout[-3000:]
