@@ -273,8 +273,7 @@ def merge_torch(x_prev: torch.Tensor, x_cur: torch.Tensor, t: float, gamma: floa
     elif S:
         d_min, d_max = d.amin(dim=-1), d.amax(dim=-1)
     else:   # an empty row: the extremes of nothing (what the kernel's atomics start from)
-        d_min = torch.full((B, H), 2.0, dtype=torch.float32, device=dev)
-        d_max = torch.full((B, H), -1.0, dtype=torch.float32, device=dev)
+        d_min, d_max = counted_extremes_torch(d, None, None)
 
     def select(thr, bound, mask, keep):
         retained = retained_mask(d, thr, mag_p, mag_c, magnitude, bound, mask, keep)
