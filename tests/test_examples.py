@@ -13,6 +13,7 @@ not run here: `EXCLUDED` names them, and a test checks that every other example 
 from __future__ import annotations
 
 import doctest
+import functools
 import importlib
 import pkgutil
 
@@ -33,9 +34,10 @@ NEEDS_MODEL = {"minitriton.hf", "minitriton.hf.track_padding",
 EXCLUDED = {"minitriton.evaluate", "minitriton.calibrate", "minitriton.plots"}
 
 
+@functools.lru_cache(maxsize=None)
 def _docstrings() -> dict:
     """{docstring name: [example source, ...]} over MODULES (transformers' modules only when
-    transformers is installed)."""
+    transformers is installed); collected once."""
     found = {}
     finder = doctest.DocTestFinder(exclude_empty=True)
     for name in MODULES:
